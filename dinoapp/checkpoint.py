@@ -1,0 +1,241 @@
+"""Reading checkpoint files safely, and dinoapp's own backbone checkpoint format.
+
+Every ``.pth``/``.pt``/``.bin`` file goes through ``torch.load(weights_only=True)``: a pickle that
+would run code is refused with :class:`UnsafeCheckpointError`. ``.safetensors`` files are read with
+safetensors. A folder is read as a Hugging Face model folder (``model.safetensors`` or sharded
+``model.safetensors.index.json``, ``config.json``, ``preprocessor_config.json``).
+
+dinoapp backbone checkpoint (format ``dinoapp.backbone`` version 1), written by
+:func:`save_backbone` and later by training runs::
+
+    {"dinoapp_format": "dinoapp.backbone", "version": 1,
+     "arch": ArchSpec.to_dict(), "state_dict": Meta-layout tensors (mask token, RoPE periods),
+     "mean": [...], "std": [...], "provenance": {...}, "heads": {name: state dict}}
+
+As ``.safetensors`` the tensors are stored flat (heads under ``heads.<name>.``) and the rest as
+JSON in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    SourceNotFoundError,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+)
+
+FORMAT = "dinoapp.backbone"
+VERSION = 1
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+
+
+@dataclass
+class RawCheckpoint:
+    """What a file or folder held, before any layout conversion."""
+
+    obj: dict[str, Any]  # the loaded mapping (state dict, teacher dump or dinoapp checkpoint)
+    path: Path
+    sha256: str | None
+    config: dict[str, Any] = field(default_factory=dict)  # HF config.json, if any
+    preprocessor: dict[str, Any] = field(default_factory=dict)  # HF preprocessor_config.json
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    if len(paths) == 1:
+        return sha256_file(paths[0])
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def torch_load_safe(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with the library's errors for unsafe or broken files."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e).lower():
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "weights_only" in msg.lower() or "unsupported global" in msg.lower() or "GLOBAL" in msg:
+            first = msg.strip().splitlines()[0] if msg.strip() else ""
+            raise UnsafeCheckpointError(
+                f"{path} contains pickled objects other than tensors (possibly code), so it was not loaded "
+                f"({first[:200]}). Only load files you trust; to convert a trusted file, load it yourself and "
+                "save its state dict with torch.save(model.state_dict(), ...)."
+            ) from None
+        raise CheckpointCorruptError(f"{path} is not a readable checkpoint: {msg[:200]}") from None
+    except (EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointCorruptError(f"{path} is truncated or damaged ({type(e).__name__}: {e})") from None
+    except Exception as e:  # the unpickler fails on damaged bytes with many exception types
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointCorruptError(
+            f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {first})"
+        ) from None
+
+
+def _load_safetensors(paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    sd: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] = {}
+    for p in paths:
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                meta.update(f.metadata() or {})
+                for k in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    sd[k] = f.get_tensor(k)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointCorruptError(f"{p} is truncated or not a safetensors file ({e})") from None
+    return sd, meta
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointCorruptError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
+    """Read a checkpoint file or Hugging Face model folder into a :class:`RawCheckpoint`."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SourceNotFoundError(f"no such file or folder: {path}")
+    if path.is_dir():
+        return _read_folder(path)
+    if path.suffix == ".safetensors":
+        sd, meta = _load_safetensors([path])
+        obj = _from_safetensors_metadata(sd, meta) if meta.get("dinoapp_format") else sd
+        return RawCheckpoint(obj, path, sha256_file(path))
+    if path.suffix == ".json":
+        raise UnsupportedFormatError(f"{path} is a JSON file; pass the model file or its folder instead")
+    obj = torch_load_safe(path)
+    if not isinstance(obj, dict):
+        raise UnsupportedFormatError(
+            f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead"
+        )
+    return RawCheckpoint(obj, path, sha256_file(path))
+
+
+def _read_folder(path: Path) -> RawCheckpoint:
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        files = [path / s for s in shards]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing or not files:
+            raise CheckpointCorruptError(f"{index} lists shards that are not there: {missing[:4]}")
+    else:
+        found = sorted(p.name for p in path.iterdir())[:10]
+        torch_files = [path / n for n in ("pytorch_model.bin",) if (path / n).is_file()]
+        if torch_files:
+            obj = torch_load_safe(torch_files[0])
+            return RawCheckpoint(obj, path, sha256_file(torch_files[0]), _read_json(path / "config.json"),
+                                 _read_json(path / "preprocessor_config.json"))  # fmt: skip
+        raise SourceNotFoundError(
+            f"{path} is a folder without model.safetensors, model.safetensors.index.json or pytorch_model.bin "
+            f"(it holds {found})"
+        )
+    sd, _ = _load_safetensors(files)
+    return RawCheckpoint(
+        sd,
+        path,
+        _sha256_files(files),
+        _read_json(path / "config.json"),
+        _read_json(path / "preprocessor_config.json"),
+    )
+
+
+def _from_safetensors_metadata(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, Any]:
+    try:
+        info = json.loads(meta["dinoapp"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointCorruptError(f"dinoapp safetensors metadata is damaged ({e})") from None
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    state = {}
+    for k, v in sd.items():
+        if k.startswith("heads."):
+            name, rest = k[len("heads.") :].split(".", 1)
+            heads.setdefault(name, {})[rest] = v
+        else:
+            state[k] = v
+    return {**info, "dinoapp_format": meta["dinoapp_format"], "state_dict": state, "heads": heads}
+
+
+def backbone_record(backbone) -> dict[str, Any]:
+    """The dinoapp checkpoint dict of a :class:`~dinoapp.backbone.DinoBackbone` (plain types only,
+    so it loads with ``weights_only=True``)."""
+    prov = {k: v for k, v in backbone.provenance.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return {
+        "dinoapp_format": FORMAT,
+        "version": VERSION,
+        "arch": backbone.arch.to_dict(),
+        "state_dict": {k: v.contiguous() for k, v in backbone.meta_state_dict().items()},
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "provenance": prov,
+        "heads": {n: dict(h) for n, h in backbone.pretrained_heads.items()},
+    }
+
+
+def save_backbone(backbone, path: str | os.PathLike) -> Path:
+    """Write ``backbone`` as a dinoapp checkpoint (``.safetensors`` or a torch file, by suffix).
+    The file records architecture, normalisation and provenance, so ``load_backbone(path)`` gives
+    back an identical model."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = backbone_record(backbone)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        flat = dict(rec["state_dict"])
+        for name, h in rec["heads"].items():
+            flat.update({f"heads.{name}.{k}": v.contiguous() for k, v in h.items()})
+        info = {k: rec[k] for k in ("version", "arch", "mean", "std", "provenance")}
+        save_file(flat, str(tmp), metadata={"dinoapp_format": FORMAT, "dinoapp": json.dumps(info)})
+    else:
+        torch.save(rec, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint under the real name
+    return path
+
+
+def check_record(obj: dict[str, Any], path: Path) -> None:
+    if obj.get("dinoapp_format") != FORMAT:
+        raise UnsupportedFormatError(f"{path}: unknown dinoapp format {obj.get('dinoapp_format')!r}")
+    if int(obj.get("version", 0)) > VERSION:
+        raise UnsupportedFormatError(
+            f"{path} was written by a newer dinoapp (format version {obj.get('version')}); upgrade dinoapp"
+        )
+    for key in ("arch", "state_dict"):
+        if key not in obj:
+            raise CheckpointError(f"{path}: dinoapp checkpoint without {key!r}")
