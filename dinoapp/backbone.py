@@ -55,7 +55,7 @@ class DinoBackbone(nn.Module):
         self.num_heads = arch.num_heads
         self.n_registers = arch.n_registers
         self.in_chans = arch.in_chans
-        self.mean, self.std = _check_norm(mean, std, arch.in_chans)
+        self.mean, self.std = check_norm(mean, std, arch.in_chans)
         self.provenance: dict[str, Any] = dict(provenance or {})
         self.pretrained_heads: dict[str, dict[str, torch.Tensor]] = {}
         self.grad_checkpointing = False
@@ -267,7 +267,7 @@ def _mismatch_message(missing, unexpected, mismatched, arch: ArchSpec) -> str:
     return "; ".join(parts)
 
 
-def _check_norm(mean, std, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def check_norm(mean, std, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean = tuple(float(m) for m in (mean if mean is not None else LVD_MEAN))
     std = tuple(float(s) for s in (std if std is not None else LVD_STD))
     if len(mean) == 3 and in_chans != 3:
@@ -330,6 +330,6 @@ def expand_input_channels(
     backbone.in_chans = in_chans
     base_mean = backbone.mean if mean is None else mean
     base_std = backbone.std if std is None else std
-    backbone.mean, backbone.std = _check_norm(base_mean, base_std, in_chans)
+    backbone.mean, backbone.std = check_norm(base_mean, base_std, in_chans)
     backbone.provenance["expanded_channels"] = f"3 -> {in_chans} (mean RGB filter, x3/{in_chans})"
     return backbone

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +82,10 @@ def torch_load_safe(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "weights_only" in msg.lower() or "unsupported global" in msg.lower() or "GLOBAL" in msg:
-            first = msg.strip().splitlines()[0] if msg.strip() else ""
+        if "weights only" in msg.lower() or "weights_only" in msg.lower() or "GLOBAL" in msg:
+            # torch names the culprit, e.g. "Trying to load unsupported GLOBAL posix.system ..."
+            culprit = re.search(r"[^\n]*unsupported[^\n]*", msg, flags=re.IGNORECASE)
+            first = culprit.group(0) if culprit else "objects torch refuses to unpickle"
             raise UnsafeCheckpointError(
                 f"{path} contains pickled objects other than tensors (possibly code), so it was not loaded "
                 f"({first[:200]}). Only load files you trust; to convert a trusted file, load it yourself and "

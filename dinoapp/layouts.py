@@ -94,8 +94,8 @@ def timm_to_meta(sd: Mapping[str, torch.Tensor]) -> StateDict:
     sd = _strip_wrappers(sd)
     out: StateDict = {}
     for k, v in sd.items():
-        if k.startswith("rope.") or k.startswith("head.") and v.numel() == 0:
-            continue
+        if k.startswith("rope.") or (k.startswith("head.") and v.numel() == 0):
+            continue  # RoPE buffers are recomputed; an empty classifier is no weight
         m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
         if m:
             i, rest = m.groups()

@@ -26,7 +26,7 @@ import torch
 
 from . import hub
 from .arch import ARCHS, ArchSpec, arch_from_name
-from .backbone import LVD_MEAN, LVD_STD, SAT_MEAN, SAT_STD, DinoBackbone, expand_input_channels
+from .backbone import LVD_MEAN, LVD_STD, SAT_MEAN, SAT_STD, DinoBackbone, check_norm, expand_input_channels
 from .checkpoint import check_record, read_checkpoint
 from .errors import CheckpointMismatchError, ConfigError, SourceNotFoundError, UnknownSourceError
 from .layouts import detect_layout, infer_arch, to_meta
@@ -72,9 +72,7 @@ def load_backbone(
     if in_chans is not None and in_chans != bb.in_chans:
         expand_input_channels(bb, in_chans, mean=mean, std=std)
     elif (mean is not None or std is not None) and isinstance(source, DinoBackbone):
-        from .backbone import _check_norm
-
-        bb.mean, bb.std = _check_norm(mean or bb.mean, std or bb.std, bb.in_chans)
+        bb.mean, bb.std = check_norm(mean or bb.mean, std or bb.std, bb.in_chans)
     return bb.to(device or "cpu").eval()
 
 

@@ -85,3 +85,13 @@ def tiny_meta_file(tmp_path_factory, tiny_sd) -> str:
 def images() -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     return torch.rand(2, 3, 64, 80, generator=g)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests need CUDA: skip them, visibly, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

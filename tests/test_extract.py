@@ -63,8 +63,6 @@ def test_restores_training_mode_and_rejects_mixed_sizes(bb):
 
 @pytest.mark.gpu
 def test_cuda_bf16_autocast_close_to_fp32():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     bb = dinoapp.load_backbone("vits16", seed=0, device="cuda")
     x = torch.rand(4, 3, 224, 224)
     f16 = dinoapp.extract(bb, x)
