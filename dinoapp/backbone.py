@@ -10,6 +10,7 @@ augmentation, input normalisation constants and provenance. Code written against
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,9 +119,10 @@ class DinoBackbone(nn.Module):
         h, w = t.shape[1], t.shape[2]
         t = t.flatten(1, 2)  # [B, h*w, D]
         if masks is not None:
+            masks = torch.as_tensor(masks, device=t.device)
+            if masks.numel() != B * h * w:
+                raise InputError(f"masks have {masks.numel()} entries, need {B} x {h * w} (the {h}x{w} patch grid)")
             masks = masks.reshape(B, -1)
-            if masks.shape[1] != h * w:
-                raise InputError(f"masks have {masks.shape[1]} entries per image, the patch grid has {h}x{w}")
             t = torch.where(masks.unsqueeze(-1).bool(), self.mask_token.to(t.dtype).unsqueeze(0), t)
         prefix = [self.vit.cls_token.expand(B, -1, -1)]
         if self.vit.reg_token is not None:
@@ -176,7 +178,10 @@ class DinoBackbone(nn.Module):
         """Meta's semantics: ``n`` int = the last n blocks, a sequence = those block indices.
         Each output is patches [B, h*w, D] ([B, D, h, w] with ``reshape``), paired with the CLS
         token [B, D] and/or the register tokens [B, R, D] when asked."""
-        if isinstance(n, int):
+        if isinstance(n, torch.Tensor) and n.ndim == 0:
+            n = int(n)
+        if isinstance(n, numbers.Integral):
+            n = int(n)
             if not 1 <= n <= self.n_blocks:
                 raise InputError(f"n={n}: the model has {self.n_blocks} blocks")
             take = list(range(self.n_blocks - n, self.n_blocks))
@@ -228,6 +233,12 @@ class DinoBackbone(nn.Module):
             for k in sorted(set(own) & set(timm_sd))
             if timm_sd[k].shape != own[k].shape
         ]
+        periods = sd.get("rope_embed.periods")
+        if periods is not None and periods.numel() != self.arch.head_dim // 4:
+            mismatched.append(
+                f"rope_embed.periods: file has {periods.numel()} periods, {self.num_heads} heads of "
+                f"{self.arch.head_dim} need {self.arch.head_dim // 4} (wrong num_heads?)"
+            )
         if "mask_token" in sd and sd["mask_token"].numel() != self.embed_dim:
             mismatched.append(f"mask_token: file {tuple(sd['mask_token'].shape)} vs model (1, {self.embed_dim})")
         if missing or unexpected or mismatched:
@@ -248,6 +259,12 @@ class DinoBackbone(nn.Module):
     def meta_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights in Meta's release layout (loadable by Meta's own code), RoPE periods included."""
         sd = timm_module_to_meta({k: v.detach() for k, v in self.vit.state_dict().items()})
+        if self.provenance.get("zero_qkv_bias"):  # Meta's S/B/L/H models expect the (all-zero) bias keys
+            for i in range(self.n_blocks):
+                mask = torch.ones(3 * self.embed_dim)
+                mask[self.embed_dim : 2 * self.embed_dim] = 0
+                sd[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(3 * self.embed_dim)
+                sd[f"blocks.{i}.attn.qkv.bias_mask"] = mask
         sd["mask_token"] = self.mask_token.detach().clone()
         sd["rope_embed.periods"] = self.vit.rope.periods.detach().clone()
         return sd

@@ -152,7 +152,10 @@ def _read_folder(path: Path) -> RawCheckpoint:
     if (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     elif index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointCorruptError(f"{index} has no valid 'weight_map' of tensor name -> shard file")
+        shards = sorted(set(weight_map.values()))
         files = [path / s for s in shards]
         missing = [str(f) for f in files if not f.is_file()]
         if missing or not files:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .preprocess import preprocess
 
 
@@ -64,7 +64,9 @@ def _batches(images: Any, batch_size: int):
 
 
 def _n_images(images: Any) -> int | None:
-    if isinstance(images, torch.Tensor):
+    if hasattr(images, "convert"):  # one PIL image
+        return 1
+    if hasattr(images, "ndim"):  # tensor or array: a batch only when 4-D
         return images.shape[0] if images.ndim == 4 else 1
     try:
         return len(images)
@@ -96,6 +98,8 @@ def extract(
         device: defaults to the backbone's device. ``dtype=torch.float32`` turns off bf16 autocast on CUDA.
         progress: show a tqdm bar over batches.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     dev = torch.device(device) if device is not None else next(backbone.parameters()).device
     n_blocks = backbone.n_blocks
     want = sorted({i % n_blocks for i in (layers or [])} | {n_blocks - 1})

@@ -46,6 +46,8 @@ def detect_layout(obj: Mapping) -> str:
     if "teacher" in obj and isinstance(obj["teacher"], Mapping):
         return "teacher"
     keys = set(obj)
+    if not all(isinstance(k, str) for k in keys):
+        raise UnsupportedFormatError("the file's dict has non-text keys: it is not a state dict")
     if not keys or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
         hint = f" It holds the entries {nested[:6]}." if nested else ""
@@ -100,6 +102,8 @@ def timm_to_meta(sd: Mapping[str, torch.Tensor]) -> StateDict:
         if m:
             i, rest = m.groups()
             p = f"blocks.{i}."
+            if rest == "attn.q_bias" and p + "attn.v_bias" not in sd:
+                raise CheckpointMismatchError(f"{p}attn.q_bias present without v_bias", missing=[p + "attn.v_bias"])
             if rest in ("attn.q_bias", "attn.k_bias"):
                 continue  # handled with v_bias
             if rest == "attn.v_bias":
@@ -191,6 +195,7 @@ def to_meta(obj: Mapping) -> tuple[StateDict, dict[str, StateDict], str]:
         sd, heads = split_teacher(obj)
         inner = detect_layout(sd)
         sd = {"timm": timm_to_meta, "hf": hf_to_meta}.get(inner, _strip_wrappers)(sd)
+        layout = "teacher" if inner == "meta" else f"teacher ({inner})"
     elif layout == "timm":
         sd = timm_to_meta(obj)
     elif layout == "hf":

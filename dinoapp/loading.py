@@ -68,11 +68,15 @@ def load_backbone(
                 f"architecture overrides {sorted(arch_overrides)} only apply to architecture names "
                 f"({', '.join(sorted(ARCHS))}); a checkpoint's architecture is read from its weights"
             )
-        bb = _load(source, mean, std, num_heads, cache_dir, drop_path_rate, seed, arch_overrides)
+        defer = in_chans is not None  # user statistics are per *final* channel: apply after expansion
+        bb = _load(source, None if defer else mean, None if defer else std, num_heads, cache_dir, drop_path_rate,
+                   seed, arch_overrides)  # fmt: skip
     if in_chans is not None and in_chans != bb.in_chans:
         expand_input_channels(bb, in_chans, mean=mean, std=std)
-    elif (mean is not None or std is not None) and isinstance(source, DinoBackbone):
-        bb.mean, bb.std = check_norm(mean or bb.mean, std or bb.std, bb.in_chans)
+    elif (mean is not None or std is not None) and (in_chans is not None or isinstance(source, DinoBackbone)):
+        bb.mean, bb.std = check_norm(mean if mean is not None else bb.mean, std if std is not None else bb.std,
+                                     bb.in_chans)  # fmt: skip
+        bb.provenance["normalisation"] = "user"
     return bb.to(device or "cpu").eval()
 
 
@@ -144,7 +148,9 @@ def from_file(
             arch = arch.replace(norm_eps=float(cfg.get("layer_norm_eps", arch.norm_eps)),
                                 rope_base=float(cfg.get("rope_theta", arch.rope_base)))  # fmt: skip
         _check_meta_name(raw.path, arch)
-        if "mask_token" not in sd and layout == "timm":
+        if not arch.qkv_bias and any(k.endswith("attn.qkv.bias") for k in sd):
+            prov["zero_qkv_bias"] = True  # distilled file: all-zero biases, exported again by meta_state_dict
+        if "mask_token" not in sd and layout in ("timm", "teacher (timm)"):
             sd["mask_token"] = torch.zeros(1, arch.embed_dim)
             prov["mask_token"] = "absent from the timm file: zeros (Meta's initial value)"
         tag = data_tag or _data_tag(raw.path)

@@ -36,8 +36,8 @@ def to_tensor(
     (<= 16) and the last is not, HxWxC otherwise. 2-D arrays are one channel.
     """
     if hasattr(image, "mode") and hasattr(image, "convert"):  # PIL image
-        if image.mode in ("P", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "1"):
-            image = image.convert("RGB" if image.mode not in ("LA",) else "L")
+        if image.mode in ("P", "PA", "RGBA", "RGBa", "LA", "La", "CMYK", "YCbCr", "HSV", "LAB", "1"):
+            image = image.convert("L" if image.mode in ("LA", "La", "1") else "RGB")
         image = np.asarray(image)
         channels_first = False
     if isinstance(image, torch.Tensor):
@@ -51,6 +51,8 @@ def to_tensor(
             arr = arr.astype(np.uint8)
         if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
             raise InputError(f"unsupported image dtype {arr.dtype}")
+        if not arr.dtype.isnative:  # big-endian rasters (e.g. some TIFF/DICOM) -> native byte order
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         was_int = np.issubdtype(arr.dtype, np.integer)
         int_max = float(np.iinfo(arr.dtype).max) if was_int else 1.0
         arr = np.ascontiguousarray(arr)
@@ -166,6 +168,8 @@ def to_tensor_batch(batch: torch.Tensor, value_range=None) -> torch.Tensor:
     if value_range is not None:
         lo, hi = value_range
         return (batch.to(torch.float32) - lo) / (hi - lo)
+    if batch.dtype == torch.bool:
+        return batch.to(torch.float32)
     return batch.to(torch.float32) / float(torch.iinfo(batch.dtype).max)
 
 
