@@ -258,13 +258,12 @@ class DinoBackbone(nn.Module):
 
     def meta_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights in Meta's release layout (loadable by Meta's own code), RoPE periods included."""
-        sd = timm_module_to_meta({k: v.detach() for k, v in self.vit.state_dict().items()})
+        timm_sd = {k: v.detach() for k, v in self.vit.state_dict().items()}
         if self.provenance.get("zero_qkv_bias"):  # Meta's S/B/L/H models expect the (all-zero) bias keys
             for i in range(self.n_blocks):
-                mask = torch.ones(3 * self.embed_dim)
-                mask[self.embed_dim : 2 * self.embed_dim] = 0
-                sd[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(3 * self.embed_dim)
-                sd[f"blocks.{i}.attn.qkv.bias_mask"] = mask
+                for b in ("q_bias", "v_bias"):
+                    timm_sd[f"blocks.{i}.attn.{b}"] = torch.zeros(self.embed_dim)
+        sd = timm_module_to_meta(timm_sd)
         sd["mask_token"] = self.mask_token.detach().clone()
         sd["rope_embed.periods"] = self.vit.rope.periods.detach().clone()
         return sd

@@ -152,7 +152,8 @@ def _read_folder(path: Path) -> RawCheckpoint:
     if (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     elif index.is_file():
-        weight_map = _read_json(index).get("weight_map") if isinstance(_read_json(index), dict) else None
+        index_json = _read_json(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointCorruptError(f"{index} has no valid 'weight_map' of tensor name -> shard file")
         shards = sorted(set(weight_map.values()))

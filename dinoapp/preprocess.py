@@ -141,10 +141,7 @@ def preprocess(
         raise ConfigError(f"need {want_c} mean/std values (pass backbone= or mean=/std=), got {len(mean)}/{len(std)}")
 
     if isinstance(image, torch.Tensor) and image.ndim == 4:
-        x = image.to(torch.float32) if image.is_floating_point() else to_tensor_batch(image, value_range)
-        if value_range is not None and image.is_floating_point():
-            lo, hi = value_range
-            x = (x - lo) / (hi - lo)
+        x = to_tensor_batch(image, value_range)
     else:
         x = to_tensor(image, channels_first=channels_first, value_range=value_range).unsqueeze(0)
     x = _match_channels(x, want_c)  # [B, C, H, W]
@@ -164,11 +161,12 @@ def preprocess(
 
 
 def to_tensor_batch(batch: torch.Tensor, value_range=None) -> torch.Tensor:
-    """Integer batch [B, C, H, W] -> float32 in [0, 1] (by dtype maximum or ``value_range``)."""
+    """Batch [B, C, H, W] -> float32 in [0, 1]: by ``value_range``, else integers by their dtype
+    maximum and floats as they are."""
     if value_range is not None:
         lo, hi = value_range
         return (batch.to(torch.float32) - lo) / (hi - lo)
-    if batch.dtype == torch.bool:
+    if batch.is_floating_point() or batch.dtype == torch.bool:
         return batch.to(torch.float32)
     return batch.to(torch.float32) / float(torch.iinfo(batch.dtype).max)
 
