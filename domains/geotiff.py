@@ -1,0 +1,387 @@
+"""GeoTIFF (and any GDAL raster) -> float32 [C, H, W] with a valid-pixel mask and georeferencing.
+
+Conventions (GDAL's): bands are numbered from 1; a pixel is nodata when *every* selected band
+equals the nodata value (GDAL's dataset mask), or when the GDAL mask / alpha band says so; NaN in
+any band also makes a pixel invalid. Invalid pixels are set to ``fill`` (0) after scaling and are
+False in ``meta["valid"]``.
+
+Value scaling (``stretch``), applied per band after the file's scale/offset tags:
+
+==============  =====================================================================  ===========
+stretch         what                                                                   value range
+==============  =====================================================================  ===========
+``"auto"``      ``stats`` when given; uint8 -> ``"dtype"``; other types -> ``"percentile"``  [0, 1]
+``"dtype"``     divide by the integer type's maximum (255, 65535, ...)                 [0, 1]
+``"percentile"`` per-band ``percentiles`` (default 2-98) of this read's valid pixels        [0, 1]
+``"reflectance"`` physical units; integer DN without scale tags divided by ``dn_scale``     ~[0, 1]
+                (10000: the Sentinel-2 / Landsat C2 convention DN = reflectance x 1e4)   (not clipped)
+``"none"``      values as stored (after scale/offset tags)                             physical
+:class:`BandStats` the saved per-band stretch (see :mod:`domains.stats`), so training and    [0, 1]
+                inference on different scenes use the same mapping
+==============  =====================================================================  ===========
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._deps import require
+from .errors import BandSelectionError, NoValidPixelsError, UnreadableFileError, UnsupportedFormatError
+from .sniff import check_file, has_tiff_magic
+
+if TYPE_CHECKING:
+    from .stats import BandStats
+
+STRETCHES = ("auto", "dtype", "percentile", "reflectance", "none")
+
+# Names that identify visible bands in band descriptions (lower case). Sentinel-2 codes are zero-padded
+# ("B04"); bare "B4" is ambiguous between sensors (Landsat 7 B3 is red, Landsat 8 B3 green), so not used.
+_COLOUR_NAMES = {
+    "red": ("red", "b04", "r"),
+    "green": ("green", "b03", "g"),
+    "blue": ("blue", "b02", "b"),
+}
+
+
+def open_raster(path: str | os.PathLike):
+    """Open a raster with rasterio, translating GDAL failures into typed errors."""
+    rasterio = require("rasterio")
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    p = check_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(p)
+    except RasterioIOError as err:
+        msg = str(err)
+        if ("not recognized as" in msg or "not a supported file format" in msg) and not has_tiff_magic(p):
+            raise UnsupportedFormatError(f"{p.name}: not a raster GDAL can read ({msg})") from err
+        raise UnreadableFileError(f"{p.name}: the raster is damaged or cut short ({msg})") from err
+
+
+def band_names(src) -> list[str]:
+    """One name per band: the description, else the colour interpretation, else ``band<i>``."""
+    names = []
+    for i in range(src.count):
+        desc = (src.descriptions[i] or "").strip()
+        ci = src.colorinterp[i].name if src.colorinterp else "undefined"
+        names.append(desc or (ci if ci not in ("undefined", "gray", "grey") or src.count == 1 else f"band{i + 1}"))
+    if len(set(names)) != len(names):  # e.g. two "gray" bands
+        names = [f"{n}" if names.count(n) == 1 else f"band{i + 1}" for i, n in enumerate(names)]
+    return names
+
+
+def resolve_bands(src, bands: None | str | int | Sequence[int | str]) -> list[int]:
+    """Band selection -> 1-based indexes.
+
+    ``None``: all bands. ``"rgb"``: red, green, blue found by colour interpretation or description
+    ("red"/"B04", ...). Ints are 1-based band numbers (as in GDAL and QGIS). Strings match band
+    descriptions (case-insensitive). Raises :class:`BandSelectionError` listing what the file has.
+    """
+    if bands is None:
+        return list(range(1, src.count + 1))
+    names = band_names(src)
+    listing = ", ".join(f"{i + 1}={n!r}" for i, n in enumerate(names))
+    if isinstance(bands, str) and bands.lower() == "rgb":
+        return [_find_colour(src, names, c, listing) for c in ("red", "green", "blue")]
+    if isinstance(bands, str | int | np.integer):
+        bands = [bands]
+    out = []
+    for b in bands:
+        if isinstance(b, bool):
+            raise BandSelectionError(f"band {b!r} is not a band number or name; the raster has {listing}")
+        if isinstance(b, int | np.integer):
+            if not 1 <= int(b) <= src.count:
+                raise BandSelectionError(
+                    f"band {int(b)} does not exist: bands are numbered 1..{src.count} (GDAL convention); "
+                    f"the raster has {listing}"
+                )
+            out.append(int(b))
+        elif isinstance(b, str):
+            hits = [i + 1 for i, n in enumerate(names) if n.lower() == b.strip().lower()]
+            if len(hits) != 1:
+                why = "no band is" if not hits else "several bands are"
+                raise BandSelectionError(f"{why} named {b!r}; the raster has {listing}")
+            out.append(hits[0])
+        else:
+            raise BandSelectionError(f"band {b!r} is not a band number or name; the raster has {listing}")
+    return out
+
+
+def _find_colour(src, names: list[str], colour: str, listing: str) -> int:
+    for i, ci in enumerate(src.colorinterp or ()):
+        if ci.name == colour:
+            return i + 1
+    for i, n in enumerate(names):
+        words = n.lower().replace("_", " ").replace("-", " ").split()
+        if any(w in _COLOUR_NAMES[colour] for w in words):
+            return i + 1
+    raise BandSelectionError(
+        f"no {colour} band found (by colour interpretation or a description such as '{colour}' or "
+        f"'{_COLOUR_NAMES[colour][1].upper()}'); pick the bands by number, e.g. bands=(4, 3, 2); "
+        f"the raster has {listing}"
+    )
+
+
+def to_window(window) -> Any:
+    """A rasterio ``Window`` from a Window or a ``(col_off, row_off, width, height)`` tuple."""
+    from rasterio.windows import Window
+
+    if window is None or isinstance(window, Window):
+        return window
+    if isinstance(window, str):
+        raise ValueError(
+            f"window={window!r}: for a raster, window is a region (col_off, row_off, width, height); DICOM display "
+            "windows such as 'lung' apply to DICOM files (in a mixed folder pass dicom={'window': ...})"
+        )
+    if len(window) != 4:
+        raise ValueError("window must be a rasterio Window or (col_off, row_off, width, height)")
+    c, r, w, h = (int(v) for v in window)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"window width and height must be positive, got {w} x {h}")
+    return Window(c, r, w, h)
+
+
+def read_geotiff(
+    path: str | os.PathLike,
+    *,
+    bands: None | str | int | Sequence[int | str] = None,
+    window=None,
+    out_shape: tuple[int, int] | None = None,
+    stretch: str | BandStats = "auto",
+    stats: BandStats | str | os.PathLike | None = None,
+    percentiles: tuple[float, float] = (2.0, 98.0),
+    dn_scale: float = 10000.0,
+    apply_scale_offset: bool = True,
+    fill: float = 0.0,
+    src=None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read bands of a raster as ``(float32 [C, H, W], meta)``.
+
+    ``window``: a region (rasterio Window or ``(col_off, row_off, width, height)``); parts outside
+    the raster are filled and marked invalid, so tiles at the edge keep their size. ``out_shape``:
+    ``(H, W)`` to read decimated (nearest, through overviews when the file has them). ``stats``: a
+    :class:`~domains.stats.BandStats` (or its JSON path) saved from :func:`~domains.stats.compute_band_stats`;
+    it must describe the same bands. ``src``: an already open rasterio dataset (the tiler reuses one).
+
+    ``meta``: ``format`` ("geotiff"), ``path``, ``shape``, ``value_range``, ``channels`` (band names),
+    ``bands`` (1-based indexes), ``dtype`` (stored), ``nodata``, ``valid`` (bool [H, W]), ``crs``
+    (rasterio CRS or None), ``transform`` (Affine of this read's grid), ``window``
+    (col_off, row_off, width, height), ``raster_shape`` (full H, W), ``stretch`` (what was applied,
+    with the per-band low/high values), ``scale_offset`` (per band, applied or not).
+    """
+    from .stats import BandStats
+
+    own = src is None
+    if own:
+        src = open_raster(path)
+    try:
+        name = Path(src.name).name
+        idx = resolve_bands(src, bands)
+        if stats is not None and not isinstance(stats, BandStats):
+            stats = BandStats.load(stats)
+        if isinstance(stretch, BandStats):
+            stats, stretch = stretch, "auto"
+        if not isinstance(stretch, str) or stretch not in STRETCHES:
+            raise ValueError(f"stretch must be one of {STRETCHES} or a BandStats, got {stretch!r}")
+        if stats is not None and stretch not in ("auto",):
+            raise ValueError(f"stats= and stretch={stretch!r} both given; pass one")
+        win = to_window(window)
+        raw, valid, win = _read_masked(src, idx, win, out_shape, name)
+        dtype = np.dtype(src.dtypes[idx[0] - 1])
+        scales = [float(src.scales[i - 1]) for i in idx]
+        offsets = [float(src.offsets[i - 1]) for i in idx]
+        has_tags = apply_scale_offset and any(s != 1.0 or o != 0.0 for s, o in zip(scales, offsets))
+        names = band_names(src)
+        chan = [names[i - 1] for i in idx]
+        if stats is not None:
+            stats.check_bands(chan, idx, name)
+            method = "stats"
+        else:
+            method = stretch if stretch != "auto" else ("dtype" if dtype == np.uint8 and not has_tags else "percentile")
+        tag_a = np.asarray(scales if has_tags else [1.0] * len(idx), np.float64)
+        tag_b = np.asarray(offsets if has_tags else [0.0] * len(idx), np.float64)
+        A, B, clip, info, vr = _linear_map(raw, valid, method, dtype, tag_a, tag_b, has_tags, stats, percentiles,
+                                           dn_scale, name)
+        # one fused pass: float32 = A * raw + B (per band), then clip; no intermediate copies
+        arr = np.empty(raw.shape, np.float32)  # [C, H, W]
+        np.multiply(raw, A.astype(np.float32)[:, None, None], out=arr, casting="unsafe")
+        if B.any():
+            arr += B.astype(np.float32)[:, None, None]
+        if clip:
+            np.clip(arr, 0.0, 1.0, out=arr)
+        if not valid.all():
+            arr[:, ~valid] = fill
+        transform = src.window_transform(win) if win is not None else src.transform
+        if out_shape is not None:
+            h0 = win.height if win is not None else src.height
+            w0 = win.width if win is not None else src.width
+            from affine import Affine
+
+            transform = transform @ Affine.scale(w0 / arr.shape[2], h0 / arr.shape[1])
+        meta: dict[str, Any] = {
+            "format": "geotiff",
+            "path": str(src.name),
+            "shape": tuple(arr.shape),
+            "value_range": vr,
+            "channels": chan,
+            "bands": idx,
+            "dtype": str(dtype),
+            "nodata": src.nodata,
+            "valid": valid,
+            "crs": src.crs,
+            "transform": transform,
+            "window": None if win is None else (int(win.col_off), int(win.row_off), int(win.width), int(win.height)),
+            "raster_shape": (src.height, src.width),
+            "stretch": info,
+            "scale_offset": {"scales": scales, "offsets": offsets, "applied": bool(has_tags)},
+        }
+        return arr, meta
+    finally:
+        if own:
+            src.close()
+
+
+def _read_masked(src, idx: list[int], win, out_shape, name: str):
+    """Read the bands and the valid mask; windows beyond the edges are padded (invalid)."""
+    from rasterio.errors import RasterioIOError
+    from rasterio.windows import Window
+
+    H, W = src.height, src.width
+    if win is None:
+        inner, pad = None, None
+        shape = (H, W)
+    else:
+        r0, c0 = int(win.row_off), int(win.col_off)
+        r1, c1 = r0 + int(win.height), c0 + int(win.width)
+        ir0, ic0, ir1, ic1 = max(r0, 0), max(c0, 0), min(r1, H), min(c1, W)
+        shape = (int(win.height), int(win.width))
+        if ir0 >= ir1 or ic0 >= ic1:
+            inner = None
+            pad = "all"
+        else:
+            inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
+            pad = (ir0 - r0, ic0 - c0) if inner.height != shape[0] or inner.width != shape[1] else None
+    if out_shape is not None:
+        if pad is not None:
+            raise ValueError("out_shape (decimated read) cannot be combined with a window beyond the raster")
+        shape = (int(out_shape[0]), int(out_shape[1]))
+    dtype = src.dtypes[idx[0] - 1]
+    data = np.zeros((len(idx), *shape), dtype=dtype)
+    valid = np.zeros(shape, dtype=bool)
+    if pad == "all":
+        return data, valid, win
+    read_win = inner if win is not None else None
+    try:
+        if pad is None:
+            kw = {"out_shape": (len(idx), *shape)} if out_shape is not None else {}
+            data = src.read(idx, window=read_win, **kw)
+            valid = _valid_mask(src, idx, data, read_win, shape if out_shape is not None else None)
+        else:
+            sub = src.read(idx, window=inner)
+            dy, dx = pad
+            data[:, dy : dy + sub.shape[1], dx : dx + sub.shape[2]] = sub
+            valid[dy : dy + sub.shape[1], dx : dx + sub.shape[2]] = _valid_mask(src, idx, sub, inner, None)
+    except RasterioIOError as err:
+        raise UnreadableFileError(
+            f"{name}: reading the pixels failed, the file is damaged or cut short ({err})"
+        ) from err
+    return data, valid, win
+
+
+def _valid_mask(src, idx, data: np.ndarray, win, out_shape) -> np.ndarray:
+    """bool [H, W]: GDAL's dataset mask restricted to the selected bands, and no NaN."""
+    from rasterio.enums import MaskFlags
+
+    flags = [src.mask_flag_enums[i - 1] for i in idx]
+    valid = np.ones(data.shape[1:], dtype=bool)
+    if all(MaskFlags.nodata in f for f in flags) and src.nodata is not None:
+        nd = src.nodata
+        valid = ~np.isnan(data).all(axis=0) if np.isnan(nd) else (data != np.asarray(nd).astype(data.dtype)).any(axis=0)
+    elif any(MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in flags):
+        kw = {"out_shape": out_shape} if out_shape is not None else {}
+        valid = src.read_masks(idx[0], window=win, **kw) > 0
+    if data.dtype.kind == "f":
+        valid &= np.isfinite(data).all(axis=0)
+    return valid
+
+
+def _linear_map(raw, valid, method, dtype, tag_a, tag_b, has_tags, stats, percentiles, dn_scale, name):
+    """The per-band map ``out = A * raw + B`` (float64 [C] each) of a stretch, with clip flag, info and range.
+
+    ``tag_a * raw + tag_b`` are the physical values (the file's scale/offset tags, or identity).
+    """
+    C = raw.shape[0]
+    if method == "dtype" and (dtype.kind not in "ui" or has_tags):
+        return tag_a, tag_b, False, {"method": "none", "why": "float or scaled data has no type maximum"}, None
+    if method == "none":
+        return tag_a, tag_b, False, {"method": "none"}, None
+    if method == "dtype":
+        top = float(np.iinfo(dtype).max)
+        return np.full(C, 1.0 / top), np.zeros(C), True, {"method": "dtype", "low": [0.0] * C, "high": [top] * C}, (
+            0.0, 1.0)
+    if method == "reflectance":
+        if dtype.kind in "ui" and not has_tags:
+            return np.full(C, 1.0 / dn_scale), np.zeros(C), False, {"method": "reflectance", "dn_scale": dn_scale}, (
+                0.0, 1.0)
+        return tag_a, tag_b, False, {"method": "reflectance", "dn_scale": None}, (0.0, 1.0)
+    if method == "stats":
+        lo, hi = np.asarray(stats.low, np.float64), np.asarray(stats.high, np.float64)
+        info: dict[str, Any] = {"method": "stats", "low": list(stats.low), "high": list(stats.high)}
+    elif method == "percentile":
+        if not valid.any():
+            raise NoValidPixelsError(
+                f"{name}: every pixel of this read is nodata, so no percentile stretch can be computed; "
+                "pass saved stats= (or stretch='dtype'/'none')"
+            )
+        p_lo, p_hi = np.percentile(raw[:, valid].astype(np.float32), percentiles, axis=1)  # [C] each, raw units
+        lo, hi = tag_a * p_lo + tag_b, tag_a * p_hi + tag_b
+        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)  # a negative scale tag flips the order
+        info = {"method": "percentile", "percentiles": list(percentiles), "low": lo.tolist(), "high": hi.tolist()}
+    else:  # pragma: no cover - validated by read_geotiff
+        raise ValueError(f"unknown stretch {method!r}")
+    span = np.maximum(hi - lo, 1e-12)
+    return tag_a / span, (tag_b - lo) / span, True, info, (0.0, 1.0)
+
+
+def raster_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What a raster holds, without reading pixels: ``shape`` (C, H, W), ``crs``, ``transform``,
+    ``dtype``, ``nodata``, ``channels`` (band names), ``block_shape``, ``overviews``, ``scales``,
+    ``offsets``, ``georeferenced``. Usable as ``like=`` for :func:`~domains.geowrite.write_geotiff`
+    of a whole-scene output (e.g. a mosaic)."""
+    with open_raster(path) as src:
+        return {
+            "format": "geotiff",
+            "path": str(src.name),
+            "shape": (src.count, src.height, src.width),
+            "crs": src.crs,
+            "transform": src.transform,
+            "dtype": src.dtypes[0],
+            "nodata": src.nodata,
+            "channels": band_names(src),
+            "block_shape": tuple(src.block_shapes[0]),
+            "overviews": src.overviews(1),
+            "scales": list(src.scales),
+            "offsets": list(src.offsets),
+            "georeferenced": is_georeferenced(src),
+        }
+
+
+def is_georeferenced(path_or_src) -> bool:
+    """True when a raster has a CRS, a non-identity geotransform or ground control points."""
+    from affine import Affine
+
+    own = not hasattr(path_or_src, "crs")
+    src = open_raster(path_or_src) if own else path_or_src
+    try:
+        return bool(src.crs) or src.transform != Affine.identity() or bool(src.gcps[0])
+    finally:
+        if own:
+            src.close()

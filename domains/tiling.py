@@ -1,0 +1,235 @@
+"""Tiling a scene into overlapping windows, and mosaicking tile outputs back into one grid.
+
+Tiles are aligned to ``align`` pixels (16 = the ViT patch size), so a tile's patch grid lines up
+with the scene's patch grid and outputs at patch resolution (scale 16) mosaic without resampling.
+Memory stays bounded: :func:`iter_tiles` holds one tile at a time and :class:`Mosaic` holds only
+the output grid (optionally as a memory-mapped file).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import GeoreferenceError, NoValidPixelsError
+
+EDGES = ("shift", "pad", "drop")
+BLENDS = ("linear", "cosine", "mean")
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One window of a scene, in pixels of the scene: rows ``[y0, y0 + height)``, cols ``[x0, x0 + width)``.
+
+    A tile may reach beyond the scene (edge ``pad``): those pixels are filled and invalid.
+    """
+
+    index: int
+    row: int
+    col: int
+    y0: int
+    x0: int
+    height: int
+    width: int
+
+    @property
+    def window(self) -> tuple[int, int, int, int]:
+        """``(col_off, row_off, width, height)``, as rasterio's Window takes it."""
+        return (self.x0, self.y0, self.width, self.height)
+
+
+def _offsets(size: int, tile: int, stride: int, edge: str, align: int) -> list[int]:
+    if size <= tile:
+        return [] if edge == "drop" and size < tile else [0]
+    offs = list(range(0, size - tile + 1, stride))
+    last_end = offs[-1] + tile
+    if last_end < size:
+        if edge == "pad":
+            offs.append(offs[-1] + stride)
+        elif edge == "shift":
+            # Move the last tile back to the smallest aligned offset that still covers the edge.
+            offs.append(min(offs[-1] + stride, math.ceil((size - tile) / align) * align))
+    return offs
+
+
+def tile_grid(
+    height: int, width: int, tile: int | tuple[int, int] = 512, overlap: int = 64, *, edge: str = "shift",
+    align: int = 16,
+) -> list[Tile]:
+    """The tiles covering a ``height x width`` scene, row by row.
+
+    ``tile`` and ``overlap`` are in pixels and multiples of ``align``; the stride is ``tile - overlap``.
+    ``edge``: ``shift`` (default) moves the last row/column of tiles back inside the scene (more
+    overlap there; at most ``align - 1`` padded pixels when the size is not a multiple of ``align``),
+    ``pad`` keeps the stride and pads the last tiles beyond the edge, ``drop`` skips partial tiles.
+    A scene smaller than one tile gives one padded tile (none with ``drop``).
+    """
+    th, tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
+    if edge not in EDGES:
+        raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
+    for name, v in (("tile height", th), ("tile width", tw), ("overlap", overlap)):
+        if v % align:
+            raise ValueError(
+                f"{name} {v} is not a multiple of {align} (the patch size); use e.g. {max(align, v - v % align)}"
+            )
+    if overlap < 0 or overlap >= min(th, tw):
+        raise ValueError(f"overlap must be in [0, tile) pixels, got {overlap} for a {th} x {tw} tile")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"scene size must be positive, got {height} x {width}")
+    ys = _offsets(height, th, th - overlap, edge, align)
+    xs = _offsets(width, tw, tw - overlap, edge, align)
+    return [
+        Tile(index=i * len(xs) + j, row=i, col=j, y0=y, x0=x, height=th, width=tw)
+        for i, y in enumerate(ys)
+        for j, x in enumerate(xs)
+    ]
+
+
+def iter_tiles(
+    path: str | os.PathLike,
+    tile: int | tuple[int, int] = 512,
+    overlap: int = 64,
+    *,
+    edge: str = "shift",
+    align: int = 16,
+    min_valid: float = 0.0,
+    bands=None,
+    stretch="auto",
+    stats=None,
+    progress: bool = False,
+    gdal_cache_mb: int | None = 256,
+    **read_options: Any,
+) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """Yield ``(float32 [C, th, tw], meta)`` for each tile of a raster, one window read at a time.
+
+    Tiles whose fraction of valid pixels is below ``min_valid`` (e.g. 0.5: mostly nodata) are
+    skipped. One stretch is used for the whole scene: ``stats`` (a BandStats or its JSON path) when
+    given; otherwise with ``stretch="auto"`` integer data other than uint8 gets the scene's own
+    percentile stats, computed once from a decimated read. ``meta`` is :func:`read_geotiff`'s for
+    the window, plus ``tile`` (:class:`Tile`) and ``valid_fraction``. ``gdal_cache_mb`` caps GDAL's
+    block cache while tiling (GDAL's default is 5 % of RAM, which would hold most of a big scene).
+    """
+    import rasterio
+
+    from .geotiff import open_raster, read_geotiff
+    from .stats import BandStats, compute_band_stats
+
+    env = rasterio.Env(GDAL_CACHEMAX=int(gdal_cache_mb) * 2**20) if gdal_cache_mb else rasterio.Env()  # bytes
+    with env, open_raster(path) as src:
+        if stats is None and stretch in ("auto", "percentile"):
+            dtype = np.dtype(src.dtypes[0])
+            tagged = any(s != 1.0 or o != 0.0 for s, o in zip(src.scales, src.offsets))
+            if stretch == "percentile" or dtype != np.uint8 or tagged:
+                try:
+                    stats = compute_band_stats(path, bands=bands, **({"percentiles": read_options.pop("percentiles")}
+                                                                      if "percentiles" in read_options else {}))
+                except NoValidPixelsError:
+                    return
+                stretch = "auto"
+        elif stats is not None and not isinstance(stats, BandStats):
+            stats = BandStats.load(stats)
+        tiles = tile_grid(src.height, src.width, tile, overlap, edge=edge, align=align)
+        it = tiles
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(tiles, desc=f"tiles of {Path(str(path)).name}", unit="tile")
+        for t in it:
+            arr, meta = read_geotiff(
+                path, bands=bands, window=t.window, stretch=stretch, stats=stats, src=src, **read_options
+            )
+            frac = float(meta["valid"].mean())
+            if frac < min_valid or frac == 0.0:
+                continue
+            meta["tile"] = t
+            meta["valid_fraction"] = frac
+            yield arr, meta
+
+
+def _ramp(n: int, ramp: int, blend: str) -> np.ndarray:
+    """1-D weights, rising over ``ramp`` samples at both ends; always > 0."""
+    if blend == "mean" or ramp <= 0:
+        return np.ones(n, np.float32)
+    d = np.minimum(np.arange(n), np.arange(n)[::-1]).astype(np.float32) + 0.5  # distance to the nearest end
+    w = np.clip(d / ramp, 0.0, 1.0)
+    if blend == "cosine":
+        w = 0.5 - 0.5 * np.cos(np.pi * w)
+    return np.maximum(w, 1e-3).astype(np.float32)
+
+
+class Mosaic:
+    """Accumulate tile outputs into one ``[C, H_out, W_out]`` grid with overlap blending.
+
+    ``height``/``width`` are the scene's size in input pixels; ``scale`` the output's pixel size in
+    input pixels (1: full resolution, 16: one value per ViT patch), so the output grid is
+    ``ceil(H / scale) x ceil(W / scale)``. ``blend``: ``linear`` (default; weights ramp up over
+    ``overlap`` pixels from each tile edge, which hides seams), ``cosine``, or ``mean``. Pixels no
+    tile covered get ``fill`` and weight 0 (see :meth:`coverage`). ``memmap_dir``: keep the
+    accumulators in files there instead of RAM, for outputs larger than memory.
+    """
+
+    def __init__(
+        self, height: int, width: int, channels: int, *, scale: int = 1, overlap: int = 0, blend: str = "linear",
+        memmap_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        self.height, self.width, self.channels, self.scale = int(height), int(width), int(channels), int(scale)
+        self.out_h, self.out_w = math.ceil(self.height / self.scale), math.ceil(self.width / self.scale)
+        self.blend, self.ramp = blend, max(0, int(overlap) // self.scale)
+        shape = (self.channels, self.out_h, self.out_w)
+        if memmap_dir is not None:
+            d = Path(tempfile.mkdtemp(prefix="mosaic-", dir=memmap_dir))
+            self._sum = np.lib.format.open_memmap(d / "sum.npy", mode="w+", dtype=np.float32, shape=shape)
+            self._w = np.lib.format.open_memmap(d / "weight.npy", mode="w+", dtype=np.float32, shape=shape[1:])
+        else:
+            self._sum = np.zeros(shape, np.float32)
+            self._w = np.zeros(shape[1:], np.float32)
+
+    def add(self, tile: Tile, values: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Add one tile's output ``[C, tile.height / scale, tile.width / scale]`` (``valid``: bool of that size)."""
+        s = self.scale
+        if tile.y0 % s or tile.x0 % s or tile.height % s or tile.width % s:
+            raise GeoreferenceError(
+                f"tile at ({tile.y0}, {tile.x0}) of {tile.height} x {tile.width} px is not on the x{s} output grid; "
+                f"tile with align={s}"
+            )
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim == 2:
+            values = values[None]
+        th, tw = tile.height // s, tile.width // s
+        if values.shape != (self.channels, th, tw):
+            raise GeoreferenceError(
+                f"tile output has shape {values.shape}, expected {(self.channels, th, tw)} "
+                f"({self.channels} channels at 1/{s} of a {tile.height} x {tile.width} tile)"
+            )
+        w = _ramp(th, self.ramp, self.blend)[:, None] * _ramp(tw, self.ramp, self.blend)[None, :]  # [th, tw]
+        if valid is not None:
+            valid = np.asarray(valid, dtype=bool)
+            if valid.shape != (th, tw):
+                raise GeoreferenceError(f"valid mask has shape {valid.shape}, expected {(th, tw)}")
+            w = w * valid
+        y0, x0 = tile.y0 // s, tile.x0 // s
+        y1, x1 = min(y0 + th, self.out_h), min(x0 + tw, self.out_w)
+        if y1 <= y0 or x1 <= x0 or y0 < 0 or x0 < 0:
+            return
+        w = w[: y1 - y0, : x1 - x0]
+        self._sum[:, y0:y1, x0:x1] += values[:, : y1 - y0, : x1 - x0] * w
+        self._w[y0:y1, x0:x1] += w
+
+    def coverage(self) -> np.ndarray:
+        """bool [H_out, W_out]: pixels that received a (valid) tile value."""
+        return np.asarray(self._w) > 0
+
+    def result(self, fill: float = 0.0) -> np.ndarray:
+        """The blended ``float32 [C, H_out, W_out]``; uncovered pixels are ``fill``."""
+        w = np.asarray(self._w)
+        out = np.divide(self._sum, w, out=np.full(self._sum.shape, fill, np.float32), where=w > 0)
+        return out
