@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DomainError, MissingFileError, NoValidPixelsError
+from .errors import DomainError, MissingFileError, NoValidPixelsError, OptionError, WindowError
 
 log = logging.getLogger("domains.datasets")
 
@@ -74,6 +74,12 @@ class FolderDataset:
     (:meth:`set_epoch`), so runs are reproducible with any number of workers.
     ``load_options`` go to :func:`domains.load` (use ``geotiff={...}``, ``dicom={...}`` groups for
     mixed folders), e.g. ``geotiff={"stats": "band_stats.json", "bands": [1, 2, 3, 4]}``.
+
+    Options are configuration, not file content: an option the reader of some file does not take
+    (:class:`OptionError`) is raised whatever ``on_error`` says, and a bad ``window`` or DICOM
+    display window is refused here. A file that failed for a reason of its own is recorded once and
+    not read again by this copy of the dataset (a window draw that found too few valid pixels is
+    retried on later accesses).
     """
 
     def __init__(
@@ -96,7 +102,11 @@ class FolderDataset:
             self.files = [Path(p) for p in root]
         if not self.files:
             raise MissingFileError(f"no image, GeoTIFF or DICOM files found under {root}")
-        self.window = (window, window) if isinstance(window, int) else (tuple(window) if window else None)
+        self.window = _window_size(window)
+        if "window" in (load_options.get("dicom") or {}):
+            from .dicom import parse_window
+
+            parse_window(load_options["dicom"]["window"])  # WindowError now, not once per file later
         self.min_valid = float(min_valid)
         self.on_error = on_error
         self.error_log = Path(error_log) if error_log is not None else None
@@ -104,6 +114,7 @@ class FolderDataset:
         self.epoch = 0
         self.load_options = load_options
         self.errors: list[FileError] = []
+        self._bad: set[int] = set()  # files that failed for a reason of their own: not read again
 
     def __len__(self) -> int:
         return len(self.files)
@@ -119,22 +130,30 @@ class FolderDataset:
         i %= n
         for k in range(n):
             j = (i + k) % n
+            if j in self._bad:
+                continue
             try:
                 return self.read(j)
+            except OptionError:
+                raise  # a configuration error, the same for every file of this type
             except (DomainError, OSError, ValueError) as err:
                 if self.on_error == "raise":
                     raise
-                self._record(self.files[j], err)
+                self._record(j, err)
         raise NoValidPixelsError(f"none of the {n} files could be read; see dataset.errors / the error log")
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         for j in range(len(self.files)):
+            if j in self._bad:
+                continue
             try:
                 yield self.read(j)
+            except OptionError:
+                raise  # a configuration error, the same for every file of this type
             except (DomainError, OSError, ValueError) as err:
                 if self.on_error == "raise":
                     raise
-                self._record(self.files[j], err)
+                self._record(j, err)
 
     def read(self, j: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Read file ``j`` (a random window of it when ``window`` is set); errors propagate."""
@@ -182,14 +201,37 @@ class FolderDataset:
         meta["index"] = j
         return arr, meta
 
-    def _record(self, path: Path, err: BaseException) -> None:
-        rec = FileError(str(path), type(err).__name__, str(err))
+    def _record(self, j: int, err: BaseException) -> None:
+        if not isinstance(err, NoValidPixelsError):
+            self._bad.add(j)
+        rec = FileError(str(self.files[j]), type(err).__name__, str(err))
+        if rec in self.errors:
+            return
         self.errors.append(rec)
-        log.warning("skipping %s: %s: %s", path, rec.error, rec.message)
+        log.warning("skipping %s: %s: %s", rec.path, rec.error, rec.message)
         if self.error_log is not None:
             self.error_log.parent.mkdir(parents=True, exist_ok=True)
             with open(self.error_log, "a") as f:  # one short line per error: appends are atomic enough
                 f.write(json.dumps(rec.__dict__) + "\n")
+
+
+def _window_size(window: Any) -> tuple[int, int] | None:
+    """FolderDataset's ``window``: None, or a positive (height, width) from an int or a pair."""
+    if window is None:
+        return None
+    if isinstance(window, int | np.integer) and not isinstance(window, bool):
+        window = (window, window)
+    try:
+        h, w = window
+        ok = all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in (h, w))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise WindowError(
+            f"window={window!r}: FolderDataset's window is a crop size in pixels (an int or (height, width)); "
+            "DICOM display windows go in dicom={'window': 'lung'}"
+        )
+    return int(h), int(w)
 
 
 def _draw(rng: np.random.Generator, size: int, win: int) -> int:

@@ -51,6 +51,7 @@ from .errors import (
     FrameIndexError,
     MissingCodecError,
     NoPixelDataError,
+    OptionError,
     UnreadableFileError,
     UnsupportedFormatError,
     WindowError,
@@ -153,6 +154,8 @@ def parse_window(spec: WindowSpec) -> None | str | list[tuple[str, float, float]
     """``None``, ``"auto"`` or a list of 1 or 3 ``(name, center, width)``; raises WindowError for anything else."""
     if spec is None or (isinstance(spec, str) and spec == "auto"):
         return spec
+    if isinstance(spec, np.ndarray):
+        spec = spec.tolist()
     if isinstance(spec, str):
         if spec == "rgb3":
             return [_one_window(n) for n in RGB3]
@@ -181,6 +184,8 @@ def _one_window(spec: Any) -> tuple[str, float, float]:
         return (key, *WINDOW_PRESETS[key])
     if isinstance(spec, (list, tuple)) and len(spec) == 2 and all(_is_number(v) for v in spec):
         c, w = float(spec[0]), float(spec[1])
+        if not (np.isfinite(c) and np.isfinite(w)):
+            raise WindowError(f"window ({c:g}, {w:g}): centre and width must be finite numbers")
         if not w >= 1:
             raise WindowError(f"window ({c:g}, {w:g}): a LINEAR window needs width >= 1 (PS3.3 C.11.2.1.2.1)")
         return (f"c{c:g}_w{w:g}", c, w)
@@ -241,7 +246,7 @@ def open_dicom(path: str | os.PathLike, *, stop_before_pixels: bool = False, def
 
 def _sop_name(ds: Dataset) -> str:
     sop = ds.get("SOPClassUID")
-    return getattr(sop, "name", str(sop)) if sop else "object of unknown SOP class"
+    return getattr(sop, "name", str(sop)) if sop else "DICOM object of unknown SOP class"
 
 
 def _expects_pixels(ds: Dataset) -> bool:
@@ -325,6 +330,11 @@ def decode(ds: Dataset, name: str, index: int | None = None) -> tuple[np.ndarray
         raise UnsupportedFormatError(f"{name}: this pixel data variant is not supported by pydicom ({err})") from err
     except MemoryError:
         raise
+    except AttributeError as err:  # pydicom: "Missing required element: (0028,0100) 'Bits Allocated'"
+        raise UnreadableFileError(
+            f"{name}: the pixel data cannot be interpreted: {err} (Image Pixel module, PS3.3 C.7.6.3); the file was "
+            "written without it, export it again from the source system"
+        ) from err
     except Exception as err:  # short pixel data, inconsistent group 0028 values, ...
         raise UnreadableFileError(
             f"{name}: the pixel data cannot be read ({type(err).__name__}: {err}); the file is probably cut short "
@@ -366,17 +376,18 @@ def frame_view(ds: Dataset, frame: int) -> Dataset:
 
     For enhanced multi-frame images: top-level values, overridden by the Shared, then the Per-frame
     Functional Groups (PS3.3 C.7.6.16), so rescale, window and geometry of each frame are its own.
+    For multi-frame RT Dose (and other classic multi-frame images with a Grid Frame Offset Vector,
+    PS3.3 C.8.8.3.2), frame f lies ``offset[f] - offset[0]`` mm along the slice normal from the
+    Image Position (Patient) of the first frame.
     """
-    from pydicom.dataset import Dataset
-
-    if not ds.get("SharedFunctionalGroupsSequence") and not ds.get("PerFrameFunctionalGroupsSequence"):
+    enhanced = bool(ds.get("SharedFunctionalGroupsSequence") or ds.get("PerFrameFunctionalGroupsSequence"))
+    position = None if enhanced else _grid_frame_position(ds, frame)
+    if not enhanced and position is None:
         return ds  # a classic image: its own attributes apply to every frame
-    view = Dataset()
-    view.file_meta = ds.file_meta  # LUT Data of VR OW needs the byte order
-    view.set_original_encoding(*ds.original_encoding)
-    for kw in _VIEW_KEYWORDS:
-        if kw in ds:
-            setattr(view, kw, ds[kw].value)
+    view = _top_level_view(ds)
+    if position is not None:
+        view.ImagePositionPatient = position
+        return view
     sources = []
     if ds.get("SharedFunctionalGroupsSequence"):
         sources.append(ds.SharedFunctionalGroupsSequence[0])
@@ -391,6 +402,39 @@ def frame_view(ds: Dataset, frame: int) -> Dataset:
                     if kw in sub:
                         setattr(view, kw, sub[kw].value)
     return view
+
+
+def _top_level_view(ds: Dataset) -> Dataset:
+    """A small data set with the top-level values of :data:`_VIEW_KEYWORDS` (and ``ds``'s encoding)."""
+    from pydicom.dataset import Dataset
+
+    view = Dataset()
+    view.file_meta = ds.file_meta  # LUT Data of VR OW needs the byte order
+    view.set_original_encoding(*ds.original_encoding)
+    for kw in _VIEW_KEYWORDS:
+        if kw in ds:
+            setattr(view, kw, ds[kw].value)
+    return view
+
+
+def _grid_frame_position(ds: Dataset, frame: int) -> list[float] | None:
+    """Image Position (Patient) of ``frame`` from the Grid Frame Offset Vector, or None when it does not apply."""
+    total = n_frames(ds)
+    if total < 2 or not ds.get("GridFrameOffsetVector"):
+        return None
+    try:
+        offsets = np.asarray([float(v) for v in ds.GridFrameOffsetVector], np.float64)
+        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], np.float64)
+        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], np.float64)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if offsets.shape != (total,) or ipp.shape != (3,) or iop.shape != (6,) or not np.isfinite(offsets).all():
+        return None
+    normal = np.cross(iop[:3], iop[3:])
+    if not 0.5 < np.linalg.norm(normal) < 1.5:  # not two unit, orthogonal direction cosines
+        return None
+    # first offset 0: relative offsets; otherwise z coordinates (axial only), i.e. offset[0] is the first frame's
+    return (ipp + (offsets[frame] - offsets[0]) * normal / np.linalg.norm(normal)).tolist()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,6 +490,8 @@ def _file_window(view: Dataset) -> tuple[float, float, str] | None:
         c, w = first(view.WindowCenter), first(view.WindowWidth)
     except (TypeError, ValueError, IndexError):
         return None
+    if not (np.isfinite(c) and np.isfinite(w)):
+        return None  # e.g. "nan" written by a broken exporter: fall back to the percentile window
     fn = str(view.get("VOILUTFunction") or "LINEAR").upper()
     if fn not in ("LINEAR", "LINEAR_EXACT", "SIGMOID") or w <= 0 or (fn == "LINEAR" and w < 1):
         return None
@@ -476,12 +522,23 @@ def render_grey(
     ``views[f]`` gives frame f's window attributes; ``voi_ds`` the data set whose VOI LUT Sequence (if any)
     ``"auto"`` uses, applied to the (modality-LUT) values through pydicom's ``apply_voi``. The percentile
     fallback of ``"auto"`` is computed over all F frames together (one mapping for a volume).
+    Non-finite values (NaN / inf in float pixel data) come out as 0, and the fragment then has
+    ``valid`` (bool [F, H, W], False there).
     """
+    finite = np.isfinite(values)  # [F, H, W]; float pixel data may hold NaN / inf
+    out, frag = _render_grey(values, views, spec, voi_ds, monochrome1, invert)
+    if not finite.all():
+        np.copyto(out, np.float32(0.0), where=~finite[:, None])  # invalid pixels are 0, as in a GeoTIFF read
+        frag["valid"] = finite
+    return out, frag
+
+
+def _render_grey(values, views, spec, voi_ds, monochrome1, invert) -> tuple[np.ndarray, dict[str, Any]]:
     from pydicom.pixels import apply_voi
 
     F = values.shape[0]
     if spec is None:
-        return values.astype(np.float32, copy=False)[:, None], {
+        return values.astype(np.float32)[:, None], {
             "value_range": None,
             "channels": ["grey"],
             "window": None,
@@ -494,7 +551,7 @@ def render_grey(
         if lut:
             bits = int(voi_ds.VOILUTSequence[0].LUTDescriptor[2])
             for f in range(F):
-                mapped = apply_voi(np.rint(values[f]).astype(np.int64), voi_ds, 0)
+                mapped = apply_voi(np.rint(np.nan_to_num(values[f])).astype(np.int64), voi_ds, 0)
                 out[f, 0] = mapped.astype(np.float32) / float(2**bits - 1)
             windows = [{"name": "grey", "source": "VOI LUT Sequence"}]
         else:
@@ -664,16 +721,24 @@ def read_dicom(
     values), ``units`` ("display" after a window; "HU", the RescaleType, dose/PET units, "modality" or
     "stored" with ``window=None``), ``channels`` (["grey"], window names, or ["R", "G", "B"]), ``window``
     (per channel: name, source, center, width, function; None without VOI), ``inverted`` (MONOCHROME1
-    flipped), ``frame``, ``n_frames``, ``spacing`` ((row, column) pixel spacing in mm, or None),
+    flipped), ``frame``, ``n_frames``, ``spacing`` ((row, column) pixel spacing in mm, or None), ``valid``
+    (bool [H, W]; only when float pixel data holds NaN / inf, which come out as 0),
     ``photometric`` (the file's Photometric Interpretation) and ``dicom`` (whitelisted technical
     attributes, :func:`domains.phi.safe_meta`, with the frame's functional-group values).
 
     Errors: MissingFileError, UnsupportedFormatError (not DICOM), UnreadableFileError (empty, damaged,
     truncated), NoPixelDataError (SR, RT plan, ...), MissingCodecError, FrameIndexError, WindowError.
     """
-    arr, meta = _read(path, frame, window, modality_lut, invert_monochrome1)
+    if isinstance(frame, bool) or not isinstance(frame, int | np.integer):
+        raise OptionError(
+            f"frame={frame!r}: give the frame number as an int (0 = first, -1 = last); "
+            "read_dicom_frames reads all frames"
+        )
+    arr, meta = _read(path, int(frame), window, modality_lut, invert_monochrome1)
     arr = arr[0]  # [C, H, W]
-    meta.update(shape=tuple(arr.shape), frame=frame % meta["n_frames"])
+    meta.update(shape=tuple(arr.shape), frame=int(frame) % meta["n_frames"])
+    if "valid" in meta:
+        meta["valid"] = meta["valid"][0]  # [H, W]
     return arr, meta
 
 

@@ -61,7 +61,8 @@ class SeriesError(DomainError, ValueError):
 
 
 class WindowError(DomainError, ValueError):
-    """A ``window`` option that is not valid (unknown preset, bad width) or not valid for this image (colour)."""
+    """A ``window`` option that is not valid: a DICOM display window (unknown preset, bad width, or a window
+    on a colour image) or a raster region / ``out_shape`` (not 4 numbers, empty, not finite)."""
 
 
 class FrameIndexError(DomainError, IndexError):

@@ -5,13 +5,18 @@ equals the nodata value (GDAL's dataset mask), or when the GDAL mask / alpha ban
 any band also makes a pixel invalid. Invalid pixels are set to ``fill`` (0) after scaling and are
 False in ``meta["valid"]``.
 
+Bands with the alpha colour interpretation are a mask, not data: ``bands=None`` leaves them out
+(they still make pixels invalid). Complex bands (SAR single-look complex) are read as their
+amplitude ``|z|`` (``meta["complex"] == "amplitude"``).
+
 Value scaling (``stretch``), applied per band after the file's scale/offset tags:
 
 ==============  =====================================================================  ===========
 stretch         what                                                                   value range
 ==============  =====================================================================  ===========
 ``"auto"``      ``stats`` when given; uint8 -> ``"dtype"``; other types -> ``"percentile"``  [0, 1]
-``"dtype"``     divide by the integer type's maximum (255, 65535, ...)                 [0, 1]
+``"dtype"``     the integer type's range to [0, 1]: divide by its maximum (255, 65535,    [0, 1]
+                ...); signed types map [min, max] (int16: -32768..32767) to [0, 1]
 ``"percentile"`` per-band ``percentiles`` (default 2-98) of this read's valid pixels        [0, 1]
 ``"reflectance"`` physical units; integer DN without scale tags divided by ``dn_scale``     ~[0, 1]
                 (10000: the Sentinel-2 / Landsat C2 convention DN = reflectance x 1e4)   (not clipped)
@@ -23,7 +28,9 @@ stretch         what                                                            
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._deps import require
-from .errors import BandSelectionError, NoValidPixelsError, UnreadableFileError, UnsupportedFormatError
+from .errors import BandSelectionError, NoValidPixelsError, UnreadableFileError, UnsupportedFormatError, WindowError
 from .sniff import check_file, has_tiff_magic
 
 if TYPE_CHECKING:
@@ -78,21 +85,31 @@ def band_names(src) -> list[str]:
     return names
 
 
+def _is_alpha(src, i: int) -> bool:
+    """Whether band ``i`` (0-based) is an alpha (mask) band by its colour interpretation."""
+    return bool(src.colorinterp) and src.colorinterp[i].name == "alpha"
+
+
 def resolve_bands(src, bands: None | str | int | Sequence[int | str]) -> list[int]:
     """Band selection -> 1-based indexes.
 
-    ``None``: all bands. ``"rgb"``: red, green, blue found by colour interpretation or description
-    ("red"/"B04", ...). Ints are 1-based band numbers (as in GDAL and QGIS). Strings match band
-    descriptions (case-insensitive). Raises :class:`BandSelectionError` listing what the file has.
+    ``None``: all bands except alpha (mask) bands. ``"rgb"``: red, green, blue found by colour
+    interpretation or description ("red"/"B04", ...; a "red edge" band is not red). Ints are 1-based
+    band numbers (as in GDAL and QGIS). Strings match band names or descriptions (case-insensitive).
+    Raises :class:`BandSelectionError` listing what the file has.
     """
     if bands is None:
-        return list(range(1, src.count + 1))
+        data = [i + 1 for i in range(src.count) if not _is_alpha(src, i)]
+        return data or list(range(1, src.count + 1))
     names = band_names(src)
     listing = ", ".join(f"{i + 1}={n!r}" for i, n in enumerate(names))
     if isinstance(bands, str) and bands.lower() == "rgb":
         return [_find_colour(src, names, c, listing) for c in ("red", "green", "blue")]
     if isinstance(bands, str | int | np.integer):
         bands = [bands]
+    bands = list(bands)
+    if not bands:
+        raise BandSelectionError(f"bands=[] selects no band; pass None for all bands, or some of: {listing}")
     out = []
     for b in bands:
         if isinstance(b, bool):
@@ -105,10 +122,13 @@ def resolve_bands(src, bands: None | str | int | Sequence[int | str]) -> list[in
                 )
             out.append(int(b))
         elif isinstance(b, str):
-            hits = [i + 1 for i, n in enumerate(names) if n.lower() == b.strip().lower()]
+            key = b.strip().lower()
+            hits = [i + 1 for i, n in enumerate(names) if n.lower() == key]
+            if not hits:  # a description shared by several bands is renamed band<i> in ``names``
+                hits = [i + 1 for i, d in enumerate(src.descriptions) if (d or "").strip().lower() == key]
             if len(hits) != 1:
-                why = "no band is" if not hits else "several bands are"
-                raise BandSelectionError(f"{why} named {b!r}; the raster has {listing}")
+                why = "no band is" if not hits else f"several bands ({', '.join(map(str, hits))}) are"
+                raise BandSelectionError(f"{why} named {b!r}; pick bands by number; the raster has {listing}")
             out.append(hits[0])
         else:
             raise BandSelectionError(f"band {b!r} is not a band number or name; the raster has {listing}")
@@ -119,10 +139,17 @@ def _find_colour(src, names: list[str], colour: str, listing: str) -> int:
     for i, ci in enumerate(src.colorinterp or ()):
         if ci.name == colour:
             return i + 1
-    for i, n in enumerate(names):
-        words = n.lower().replace("_", " ").replace("-", " ").split()
-        if any(w in _COLOUR_NAMES[colour] for w in words):
-            return i + 1
+    words = [re.sub(r"[^a-z0-9]+", " ", n.lower()).split() for n in names]
+    exact = [i for i, w in enumerate(words) if " ".join(w) in _COLOUR_NAMES[colour]]  # "red", "B04"
+    # else a word of the description ("B4 red", "Red (B4)"); "red edge" bands (Sentinel-2 B05-B07) are not red
+    loose = [i for i, w in enumerate(words) if "edge" not in w and any(x in _COLOUR_NAMES[colour] for x in w)]
+    if exact or loose:
+        return (exact or loose)[0] + 1
+    if src.count < 3:
+        raise BandSelectionError(
+            f"bands='rgb' needs three bands, but the raster has only {src.count} ({listing}); "
+            "read it with bands=None (a grey image) or pick bands by number"
+        )
     raise BandSelectionError(
         f"no {colour} band found (by colour interpretation or a description such as '{colour}' or "
         f"'{_COLOUR_NAMES[colour][1].upper()}'); pick the bands by number, e.g. bands=(4, 3, 2); "
@@ -131,22 +158,48 @@ def _find_colour(src, names: list[str], colour: str, listing: str) -> int:
 
 
 def to_window(window) -> Any:
-    """A rasterio ``Window`` from a Window or a ``(col_off, row_off, width, height)`` tuple."""
+    """An integer rasterio ``Window`` from a Window or a ``(col_off, row_off, width, height)`` tuple.
+
+    Fractional offsets are floored and sizes rounded, so the pixels read and the transform of the
+    read describe the same grid. Raises :class:`WindowError` for anything else.
+    """
     from rasterio.windows import Window
 
-    if window is None or isinstance(window, Window):
-        return window
+    if window is None:
+        return None
     if isinstance(window, str):
-        raise ValueError(
+        raise WindowError(
             f"window={window!r}: for a raster, window is a region (col_off, row_off, width, height); DICOM display "
             "windows such as 'lung' apply to DICOM files (in a mixed folder pass dicom={'window': ...})"
         )
-    if len(window) != 4:
-        raise ValueError("window must be a rasterio Window or (col_off, row_off, width, height)")
-    c, r, w, h = (int(v) for v in window)
+    try:
+        if isinstance(window, Window):
+            c, r, w, h = (float(v) for v in (window.col_off, window.row_off, window.width, window.height))
+        else:
+            c, r, w, h = (float(v) for v in window)
+    except (TypeError, ValueError) as err:
+        raise WindowError(
+            f"window={window!r}: must be a rasterio Window or (col_off, row_off, width, height) in pixels"
+        ) from err
+    if not all(math.isfinite(v) for v in (c, r, w, h)):
+        raise WindowError(f"window={window!r}: offsets and sizes must be finite numbers")
+    w, h = round(w), round(h)
     if w <= 0 or h <= 0:
-        raise ValueError(f"window width and height must be positive, got {w} x {h}")
-    return Window(c, r, w, h)
+        raise WindowError(f"window width and height must be positive, got {w} x {h}")
+    return Window(math.floor(c), math.floor(r), w, h)
+
+
+def _check_out_shape(out_shape) -> tuple[int, int] | None:
+    """``out_shape`` as two positive ints, or :class:`WindowError`."""
+    if out_shape is None:
+        return None
+    try:
+        h, w = (int(v) for v in out_shape)
+    except (TypeError, ValueError) as err:
+        raise WindowError(f"out_shape={out_shape!r}: must be (height, width) in pixels") from err
+    if h < 1 or w < 1:
+        raise WindowError(f"out_shape={out_shape!r}: height and width must be at least 1")
+    return h, w
 
 
 def read_geotiff(
@@ -175,7 +228,9 @@ def read_geotiff(
     ``bands`` (1-based indexes), ``dtype`` (stored), ``nodata``, ``valid`` (bool [H, W]), ``crs``
     (rasterio CRS or None), ``transform`` (Affine of this read's grid), ``window``
     (col_off, row_off, width, height), ``raster_shape`` (full H, W), ``stretch`` (what was applied,
-    with the per-band low/high values), ``scale_offset`` (per band, applied or not).
+    with the per-band low/high values), ``scale_offset`` (per band, applied or not); for rasters
+    georeferenced by ground control points only (e.g. Sentinel-1 GRD), ``gcps`` (moved to this read's
+    grid) and ``gcp_crs``, which :func:`~domains.geowrite.write_geotiff` carries over with ``like=``.
     """
     from .stats import BandStats
 
@@ -194,8 +249,12 @@ def read_geotiff(
         if stats is not None and stretch not in ("auto",):
             raise ValueError(f"stats= and stretch={stretch!r} both given; pass one")
         win = to_window(window)
+        out_shape = _check_out_shape(out_shape)
         raw, valid, win = _read_masked(src, idx, win, out_shape, name)
         dtype = np.dtype(src.dtypes[idx[0] - 1])
+        if raw.dtype.kind == "c":  # SAR single-look complex: the amplitude |z| (GDAL's "Magnitude")
+            valid &= np.isfinite(raw).all(axis=0)
+            raw = np.abs(raw)
         scales = [float(src.scales[i - 1]) for i in idx]
         offsets = [float(src.offsets[i - 1]) for i in idx]
         has_tags = apply_scale_offset and any(s != 1.0 or o != 0.0 for s, o in zip(scales, offsets))
@@ -219,12 +278,12 @@ def read_geotiff(
             np.clip(arr, 0.0, 1.0, out=arr)
         if not valid.all():
             arr[:, ~valid] = fill
-        transform = src.window_transform(win) if win is not None else src.transform
+        from affine import Affine
+
+        transform = src.transform @ Affine.translation(win.col_off, win.row_off) if win is not None else src.transform
         if out_shape is not None:
             h0 = win.height if win is not None else src.height
             w0 = win.width if win is not None else src.width
-            from affine import Affine
-
             transform = transform @ Affine.scale(w0 / arr.shape[2], h0 / arr.shape[1])
         meta: dict[str, Any] = {
             "format": "geotiff",
@@ -243,10 +302,26 @@ def read_geotiff(
             "stretch": info,
             "scale_offset": {"scales": scales, "offsets": offsets, "applied": bool(has_tags)},
         }
+        if dtype.kind == "c":
+            meta["complex"] = "amplitude"
+        gcps, gcp_crs = src.gcps
+        if gcps and src.transform.is_identity:  # georeferenced by ground control points only (SAR)
+            r0, c0 = (win.row_off, win.col_off) if win is not None else (0, 0)
+            sy = arr.shape[1] / (win.height if win is not None else src.height)  # output px per source px
+            sx = arr.shape[2] / (win.width if win is not None else src.width)
+            meta["gcps"] = [_moved_gcp(g, (g.row - r0) * sy, (g.col - c0) * sx) for g in gcps]  # in this read's grid
+            meta["gcp_crs"] = gcp_crs
         return arr, meta
     finally:
         if own:
             src.close()
+
+
+def _moved_gcp(g, row: float, col: float):
+    """A copy of the ground control point ``g`` at another pixel position (same ground coordinates)."""
+    from rasterio.control import GroundControlPoint
+
+    return GroundControlPoint(row=row, col=col, x=g.x, y=g.y, z=g.z, id=g.id, info=g.info)
 
 
 def _read_masked(src, idx: list[int], win, out_shape, name: str):
@@ -271,7 +346,10 @@ def _read_masked(src, idx: list[int], win, out_shape, name: str):
             pad = (ir0 - r0, ic0 - c0) if inner.height != shape[0] or inner.width != shape[1] else None
     if out_shape is not None:
         if pad is not None:
-            raise ValueError("out_shape (decimated read) cannot be combined with a window beyond the raster")
+            raise WindowError(
+                "out_shape (decimated read) cannot be combined with a window beyond the raster; "
+                "read the window without out_shape, or keep the window inside the raster"
+            )
         shape = (int(out_shape[0]), int(out_shape[1]))
     dtype = src.dtypes[idx[0] - 1]
     data = np.zeros((len(idx), *shape), dtype=dtype)
@@ -324,9 +402,10 @@ def _linear_map(raw, valid, method, dtype, tag_a, tag_b, has_tags, stats, percen
     if method == "none":
         return tag_a, tag_b, False, {"method": "none"}, None
     if method == "dtype":
-        top = float(np.iinfo(dtype).max)
-        return np.full(C, 1.0 / top), np.zeros(C), True, {"method": "dtype", "low": [0.0] * C, "high": [top] * C}, (
-            0.0, 1.0)
+        low, top = float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)  # low is 0 for unsigned types
+        span = top - low
+        info = {"method": "dtype", "low": [low] * C, "high": [top] * C}
+        return np.full(C, 1.0 / span), np.full(C, -low / span), True, info, (0.0, 1.0)
     if method == "reflectance":
         if dtype.kind in "ui" and not has_tags:
             return np.full(C, 1.0 / dn_scale), np.zeros(C), False, {"method": "reflectance", "dn_scale": dn_scale}, (
@@ -354,10 +433,10 @@ def _linear_map(raw, valid, method, dtype, tag_a, tag_b, has_tags, stats, percen
 def raster_info(path: str | os.PathLike) -> dict[str, Any]:
     """What a raster holds, without reading pixels: ``shape`` (C, H, W), ``crs``, ``transform``,
     ``dtype``, ``nodata``, ``channels`` (band names), ``block_shape``, ``overviews``, ``scales``,
-    ``offsets``, ``georeferenced``. Usable as ``like=`` for :func:`~domains.geowrite.write_geotiff`
-    of a whole-scene output (e.g. a mosaic)."""
+    ``offsets``, ``georeferenced`` (and ``gcps``, ``gcp_crs`` for GCP-only rasters). Usable as
+    ``like=`` for :func:`~domains.geowrite.write_geotiff` of a whole-scene output (e.g. a mosaic)."""
     with open_raster(path) as src:
-        return {
+        info: dict[str, Any] = {
             "format": "geotiff",
             "path": str(src.name),
             "shape": (src.count, src.height, src.width),
@@ -372,6 +451,10 @@ def raster_info(path: str | os.PathLike) -> dict[str, Any]:
             "offsets": list(src.offsets),
             "georeferenced": is_georeferenced(src),
         }
+        gcps, gcp_crs = src.gcps
+        if gcps and src.transform.is_identity:
+            info.update(gcps=list(gcps), gcp_crs=gcp_crs)
+        return info
 
 
 def is_georeferenced(path_or_src) -> bool:

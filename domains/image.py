@@ -4,6 +4,10 @@ Integer images are divided by their bit depth's maximum (255 or 65535), so value
 float TIFFs are returned as stored (``value_range`` None). The EXIF orientation is applied (a phone
 photo comes out upright), palette images become RGB, and an alpha channel becomes the valid-pixel
 mask ``meta["valid"]`` (alpha > 0) instead of a fourth channel.
+
+Files Pillow would read only in part go through GDAL (rasterio) instead: 16-bit colour PNGs and
+TIFFs (Pillow keeps 8 of the 16 bits), and TIFFs with samples Pillow drops (a 2-band TIFF read as
+grey, a 4th band that is not alpha). Without rasterio they are read by Pillow with a DomainWarning.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UnreadableFileError, UnsupportedFormatError
-from .sniff import check_file, has_tiff_magic
+from .errors import DomainWarning, UnreadableFileError, UnsupportedFormatError
+from .sniff import check_file, has_tiff_magic, sniff
 
 _GREY = ["grey"]
 _RGB = ["R", "G", "B"]
@@ -36,13 +40,30 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         with Image.open(p) as img:
             fmt = (img.format or "").lower()
             n_frames = getattr(img, "n_frames", 1)
+            partial = _pil_reads_part(img, p, fmt)
+            if partial:
+                out = _read_with_gdal(p, partial, fmt)
+                if out is not None:
+                    return out
             img.load()
             img = ImageOps.exif_transpose(img)
             return _from_pil(img, p, fmt, n_frames)
+    except Image.DecompressionBombError as err:
+        if has_tiff_magic(p):
+            return _read_tiff_with_rasterio(p, err)
+        raise UnreadableFileError(
+            f"{p.name}: {err} Pillow refuses images this large by default; if you trust the file, raise the "
+            "limit (PIL.Image.MAX_IMAGE_PIXELS = None) or convert it to a tiled GeoTIFF"
+        ) from err
     except UnidentifiedImageError as err:
         if has_tiff_magic(p):
             return _read_tiff_with_rasterio(p, err)
-        raise UnsupportedFormatError(f"{p.name}: the image header is not readable as any image format") from err
+        fmt = sniff(p)  # UnsupportedFormatError for content that is no image at all
+        if fmt == "dicom":
+            raise UnsupportedFormatError(f"{p.name} is a DICOM file; read it with domains.load or read_dicom") from err
+        raise UnreadableFileError(
+            f"{p.name}: starts like a {fmt.upper()} file but its header is damaged or cut short; copy the file again"
+        ) from err
     except (OSError, SyntaxError, ValueError) as err:
         if isinstance(err, UnsupportedFormatError | UnreadableFileError):
             raise
@@ -101,6 +122,41 @@ def _from_pil(img, p: Path, fmt: str, n_frames: int) -> tuple[np.ndarray, dict[s
     return arr, meta
 
 
+def _pil_reads_part(img, p: Path, fmt: str) -> str:
+    """Why Pillow would read only part of this file's data ('' when it reads all of it)."""
+    if fmt == "png":
+        with open(p, "rb") as f:
+            ihdr = f.read(26)
+        if len(ihdr) == 26 and ihdr[24] == 16 and ihdr[25] in (2, 4, 6):  # bit depth 16; RGB, grey+alpha, RGBA
+            return "16-bit colour PNG, which Pillow reduces to 8 bits"
+    elif fmt == "tiff":
+        spp = int(img.tag_v2.get(277, 1) or 1)  # SamplesPerPixel
+        bps = img.tag_v2.get(258, (8,))  # BitsPerSample
+        bits = max(bps) if isinstance(bps, tuple | list) else int(bps)
+        if spp != len(img.getbands()) or img.mode == "RGBX":
+            return f"TIFF with {spp} samples per pixel, of which Pillow reads {len(img.getbands())} as {img.mode}"
+        if spp > 1 and bits > 8:
+            return f"{bits}-bit colour TIFF, which Pillow reduces to 8 bits"
+    return ""
+
+
+def _read_with_gdal(p: Path, why: str, fmt: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """Read ``p`` through GDAL (all samples, full bit depth); None (after a DomainWarning) without rasterio."""
+    try:
+        import rasterio  # noqa: F401
+    except ImportError:
+        warnings.warn(
+            f"{p.name}: {why}; reading what Pillow reads. Install rasterio "
+            '(pip install "dinoapp[geo]") to read all of it through GDAL',
+            DomainWarning,
+            stacklevel=3,
+        )
+        return None
+    arr, meta = _read_tiff_with_rasterio(p, ValueError(why))
+    meta["format"] = fmt
+    return arr, meta
+
+
 def _read_tiff_with_rasterio(p: Path, pil_error: Exception) -> tuple[np.ndarray, dict[str, Any]]:
     """TIFFs Pillow cannot decode (16-bit RGB, 3+ bands, odd compressions) go through GDAL when installed."""
     try:
@@ -120,5 +176,7 @@ def _read_tiff_with_rasterio(p: Path, pil_error: Exception) -> tuple[np.ndarray,
         except RasterioIOError as err:  # pragma: no cover - read_geotiff translates these
             raise UnreadableFileError(f"{p.name}: the TIFF is damaged ({err})") from err
     meta["format"] = "tiff"
+    if meta["dtype"] in ("uint8", "uint16"):
+        meta["bit_depth"] = 8 * np.dtype(meta["dtype"]).itemsize
     _ = rasterio
     return arr, meta

@@ -72,9 +72,11 @@ def load(path: str | os.PathLike, **options: Any) -> tuple[np.ndarray, dict[str,
     accepted = set(inspect.signature(reader).parameters) - {"path"}
     unknown = sorted(set(opts) - accepted)
     if unknown:
+        takes = sorted(accepted - {"src"})
         raise OptionError(
             f"{os.fspath(path)} is read by the {kind} reader, which takes no option {', '.join(unknown)}; "
-            f"its options are: {', '.join(sorted(accepted - {'src'}))}"
+            + (f"its options are: {', '.join(takes)}" if takes else "it takes no options")
+            + "; pass options meant for other file types as geotiff={...}, dicom={...} or image={...}"
         )
     with warnings.catch_warnings():
         try:

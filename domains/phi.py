@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -136,6 +138,21 @@ def safe_meta(ds: Dataset) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def quiet_values() -> Iterator[None]:
+    """Turn off pydicom's value validation for the block.
+
+    pydicom warns *and logs* ``Invalid value for VR UI: '<the value>'`` when it converts a malformed
+    value, so reading a bad UID, name or date would copy it into warnings and log files. Values are
+    still parsed; only the validation (and its message) is skipped. (pydicom's setting is global, so
+    this is meant for short blocks.)
+    """
+    from pydicom import config
+
+    with config.disable_value_validation():
+        yield
+
+
 def hashed_uid(uid: str, salt: str) -> str:
     """A new UID derived from ``uid`` and ``salt``: ``2.25.<128-bit integer>`` (PS3.5 B.2, UUID-derived form).
 
@@ -199,14 +216,15 @@ def deidentify(ds: Dataset, *, uid_salt: str | None = None) -> Dataset:
     """
     salt = _PROCESS_SALT if uid_salt is None else uid_salt
     out = copy.deepcopy(ds)
-    _clean(out, salt)
-    out.PatientIdentityRemoved = "YES"
-    out.DeidentificationMethod = METHOD
-    out.LongitudinalTemporalInformationModified = "REMOVED"
-    file_meta = getattr(out, "file_meta", None)
-    if file_meta is not None:
-        if "SourceApplicationEntityTitle" in file_meta:
-            del file_meta.SourceApplicationEntityTitle
-        if "SOPInstanceUID" in out:
-            file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    with quiet_values():  # a malformed name or UID must not be quoted in a warning or log line
+        _clean(out, salt)
+        out.PatientIdentityRemoved = "YES"
+        out.DeidentificationMethod = METHOD
+        out.LongitudinalTemporalInformationModified = "REMOVED"
+        file_meta = getattr(out, "file_meta", None)
+        if file_meta is not None:
+            if "SourceApplicationEntityTitle" in file_meta:
+                del file_meta.SourceApplicationEntityTitle
+            if "SOPInstanceUID" in out:
+                file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
     return out

@@ -36,7 +36,7 @@ from .dicom import (
     warn_if_not_hu,
 )
 from .errors import DomainError, DomainWarning, MissingFileError, SeriesError
-from .phi import safe_meta
+from .phi import quiet_values, safe_meta
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -116,7 +116,9 @@ def _scan(files: Sequence[Path], defer_pixels: bool = False) -> SeriesList:
             what = getattr(sop, "name", "") or "object without a SOP class"
             skipped.append((os.fspath(p), f"{p.name}: not an image ({what})"))
             continue
-        groups.setdefault(str(ds.get("SeriesInstanceUID") or ""), []).append((os.fspath(p), ds))
+        with quiet_values():  # a malformed UID must not be quoted in pydicom's warning / log line
+            uid = str(ds.get("SeriesInstanceUID") or "")
+        groups.setdefault(uid, []).append((os.fspath(p), ds))
     found = []
     for uid, members in groups.items():
         size, _ = Counter((int(ds.Rows), int(ds.Columns)) for _, ds in members).most_common(1)[0]
@@ -189,6 +191,16 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
     return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
 
 
+def _orientation(value: Any) -> np.ndarray | None:
+    """Image Orientation (Patient) as 6 floats, or None unless it holds two unit, orthogonal direction cosines."""
+    iop = _floats(value, 6)
+    if iop is None:
+        return None
+    r, c = iop[:3], iop[3:]
+    ok = abs(np.linalg.norm(r) - 1) < 0.05 and abs(np.linalg.norm(c) - 1) < 0.05 and abs(np.dot(r, c)) < 0.05
+    return iop if ok else None  # e.g. all zeros from a broken exporter: no slice normal to sort along
+
+
 def slice_order(views: Sequence[Dataset], where: str) -> tuple[np.ndarray, dict[str, Any]]:
     """``(order, geometry)``: the slice order and the volume geometry from each slice's plane attributes.
 
@@ -198,7 +210,7 @@ def slice_order(views: Sequence[Dataset], where: str) -> tuple[np.ndarray, dict[
     affine). Warns (DomainWarning) on mixed orientations, duplicate positions and uneven spacing.
     """
     n = len(views)
-    iops = [_floats(v.get("ImageOrientationPatient") or [], 6) for v in views]
+    iops = [_orientation(v.get("ImageOrientationPatient") or []) for v in views]
     ipps = [_floats(v.get("ImagePositionPatient") or [], 3) for v in views]
     geo: dict[str, Any] = {
         "positions": None,
@@ -263,9 +275,11 @@ def slice_order(views: Sequence[Dataset], where: str) -> tuple[np.ndarray, dict[
     have = sum(np.isfinite(k) for k, _ in numbers)
     order = np.asarray([i for _, i in sorted(numbers)])
     how = "InstanceNumber" if have == n else "InstanceNumber, then file name" if have else "file name"
-    geo["sort"] = f"{how} (ImagePositionPatient/ImageOrientationPatient missing, so the order is not verified)"
+    geo["sort"] = (
+        f"{how} (ImagePositionPatient/ImageOrientationPatient missing or invalid, so the order is not verified)"
+    )
     warnings.warn(
-        f"{where}: slices have no position/orientation; ordered by {how}, spacing from the "
+        f"{where}: slices have no position/orientation (or an invalid one); ordered by {how}, spacing from the "
         "SpacingBetweenSlices/SliceThickness tags",
         DomainWarning,
         stacklevel=3,
@@ -333,6 +347,15 @@ def read_series(
         )
         datasets = [(p, ds) for p, ds in datasets if (int(ds.Rows), int(ds.Columns)) == (rows, cols)]
 
+    modalities = Counter(str(ds.get("Modality") or "unknown") for _, ds in datasets)
+    if len(modalities) > 1:
+        warnings.warn(
+            f"{where}: series {info.key} mixes modalities ({', '.join(f'{n} {m}' for m, n in modalities.items())}); "
+            "their values are not on one scale, so check the files or pick them with a list of paths",
+            DomainWarning,
+            stacklevel=2,
+        )
+
     slices = [(i, f, frame_view(ds, f)) for i, (_, ds) in enumerate(datasets) for f in range(n_frames(ds))]
     order, geo = slice_order([v for _, _, v in slices], where)
     slices = [slices[k] for k in order]
@@ -340,6 +363,7 @@ def read_series(
 
     # Read and decode the files in slice order, keeping only the last one (a multi-frame file gives many slices).
     decoded: dict[int, tuple[np.ndarray, str]] = {}
+    expect_grey: bool | None = None  # set from the first slice: every file must be grey, or every file colour
 
     def stored_frame(i: int, f: int) -> tuple[np.ndarray, str]:
         if i not in decoded:
@@ -347,7 +371,12 @@ def read_series(
             path = datasets[i][0]
             decoded[i] = decode(datasets[i][1], Path(path).name)  # [F, H, W(, S)]; a deferred read of the pixels
         arr, pi = decoded[i]
-        if arr.shape[1:3] != (rows, cols) or (pi in ("MONOCHROME1", "MONOCHROME2")) != (arr.ndim == 3):
+        grey_file = pi in ("MONOCHROME1", "MONOCHROME2")
+        if (
+            arr.shape[1:3] != (rows, cols)
+            or grey_file != (arr.ndim == 3)  # photometric and samples per pixel disagree
+            or (expect_grey is not None and grey_file != expect_grey)  # grey and colour files in one series
+        ):
             raise SeriesError(
                 f"{Path(datasets[i][0]).name} does not match the rest of series {info.key} "
                 f"({pi}, {arr.shape[1]}x{arr.shape[2]} after decoding); remove it or pick the files to read"
@@ -356,7 +385,7 @@ def read_series(
 
     first_ds = datasets[slices[0][0]][1]
     _, photometric = stored_frame(slices[0][0], slices[0][1])
-    grey = photometric in ("MONOCHROME1", "MONOCHROME2")
+    grey = expect_grey = photometric in ("MONOCHROME1", "MONOCHROME2")
     if grey:
         values = np.empty((D, rows, cols), dtype=np.float32)  # [D, H, W] modality values
         units = "stored"

@@ -54,11 +54,17 @@ class BandStats:
         return np.clip(arr, 0.0, 1.0, out=arr)
 
     def check_bands(self, names: Sequence[str], indexes: Sequence[int], source: str = "") -> None:
-        """Raise :class:`BandSelectionError` when a read's bands differ from the ones these stats describe."""
-        if list(indexes) != list(self.band_indexes) or [n.lower() for n in names] != [b.lower() for b in self.bands]:
+        """Raise :class:`BandSelectionError` when a read's bands differ from the ones these stats describe.
+
+        Bands are compared by name (description, colour interpretation, or ``band<i>`` for unnamed
+        bands), not by number: a scene that stores the same bands in another order matches when they
+        are selected by name (e.g. ``bands=stats.bands`` or ``bands="rgb"``).
+        """
+        if [n.lower() for n in names] != [b.lower() for b in self.bands]:
             raise BandSelectionError(
                 f"{source}: the stats describe bands {self.bands} (numbers {self.band_indexes}) but the read selects "
-                f"{list(names)} (numbers {list(indexes)}); select the same bands or recompute the stats"
+                f"{list(names)} (numbers {list(indexes)}); select the same bands (e.g. bands={self.bands!r}) "
+                "or recompute the stats"
             )
 
     def to_dict(self) -> dict:
@@ -185,7 +191,8 @@ def compute_band_stats(
             elif [n.lower() for n in names] != [n.lower() for n in ref_names]:
                 raise BandSelectionError(
                     f"{f.name} has bands {names} where {files[0].name} has {ref_names}; "
-                    "statistics need the same bands in every file"
+                    "statistics need the same bands in every file (select them by name, e.g. "
+                    f"bands={ref_names!r}, when the files store them in different orders)"
                 )
             for arr, valid in _sample_reads(src, f, idx, budget, apply_scale_offset, read_geotiff):
                 samples.append(arr[:, valid])  # [C, N]

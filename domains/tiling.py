@@ -127,9 +127,12 @@ def iter_tiles(
             dtype = np.dtype(src.dtypes[0])
             tagged = any(s != 1.0 or o != 0.0 for s, o in zip(src.scales, src.offsets))
             if stretch == "percentile" or dtype != np.uint8 or tagged:
+                # the scene's own stats, computed the way the tiles are read (same percentiles and tags)
+                kw = {k: read_options[k] for k in ("apply_scale_offset",) if k in read_options}
+                if "percentiles" in read_options:
+                    kw["percentiles"] = read_options.pop("percentiles")
                 try:
-                    stats = compute_band_stats(path, bands=bands, **({"percentiles": read_options.pop("percentiles")}
-                                                                      if "percentiles" in read_options else {}))
+                    stats = compute_band_stats(path, bands=bands, **kw)
                 except NoValidPixelsError:
                     return
                 stretch = "auto"
@@ -181,6 +184,11 @@ class Mosaic:
     ) -> None:
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        if int(scale) < 1 or int(height) < 1 or int(width) < 1 or int(channels) < 1:
+            raise GeoreferenceError(
+                f"a mosaic needs a positive size, channel count and scale, got {height} x {width} px, "
+                f"{channels} channels, scale {scale}"
+            )
         self.height, self.width, self.channels, self.scale = int(height), int(width), int(channels), int(scale)
         self.out_h, self.out_w = math.ceil(self.height / self.scale), math.ceil(self.width / self.scale)
         self.blend, self.ramp = blend, max(0, int(overlap) // self.scale)
@@ -217,11 +225,14 @@ class Mosaic:
                 raise GeoreferenceError(f"valid mask has shape {valid.shape}, expected {(th, tw)}")
             w = w * valid
         y0, x0 = tile.y0 // s, tile.x0 // s
+        # the part of the tile inside the output grid (a tile may reach beyond any edge)
+        ty, tx = max(0, -y0), max(0, -x0)
         y1, x1 = min(y0 + th, self.out_h), min(x0 + tw, self.out_w)
-        if y1 <= y0 or x1 <= x0 or y0 < 0 or x0 < 0:
+        y0, x0 = max(y0, 0), max(x0, 0)
+        if y1 <= y0 or x1 <= x0:
             return
-        w = w[: y1 - y0, : x1 - x0]
-        self._sum[:, y0:y1, x0:x1] += values[:, : y1 - y0, : x1 - x0] * w
+        w = w[ty : ty + y1 - y0, tx : tx + x1 - x0]
+        self._sum[:, y0:y1, x0:x1] += values[:, ty : ty + y1 - y0, tx : tx + x1 - x0] * w
         self._w[y0:y1, x0:x1] += w
 
     def coverage(self) -> np.ndarray:
