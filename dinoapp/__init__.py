@@ -1,17 +1,22 @@
 """dinoapp: adapt DINOv3 vision foundation models to your own imagery.
 
-Start with :func:`load_backbone`, :func:`preprocess` and :func:`extract`.
+Start with :func:`load_backbone`, :func:`preprocess` and :func:`extract`; dense maps at any size with
+:func:`dense_features` / :func:`scene_features`, pictures with :mod:`dinoapp.viz`.
 """
 
+from . import heads, metrics, viz
 from .arch import ARCHS, ArchSpec
 from .backbone import LVD_MEAN, LVD_STD, SAT_MEAN, SAT_STD, DinoBackbone, expand_input_channels
+from .cache import FeatureCache
 from .checkpoint import save_backbone
+from .dense import DenseFeatures, SceneMap, dense_features, scene_features
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
     ConfigError,
     DinoappError,
+    HeadBackboneMismatchError,
     HubUnavailableError,
     InputError,
     SourceNotFoundError,
@@ -20,7 +25,21 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .extract import Features, extract
+from .heads import (
+    ForegroundClassifier,
+    KNNClassifier,
+    LinearSegHead,
+    LogisticClassifier,
+    SegHead,
+    fit_foreground,
+    fit_seg_head,
+    image_embedding,
+    load_head,
+    save_head,
+)
+from .identity import backbone_fingerprint, backbone_identity
 from .loading import load_backbone
+from .predict import segment_scene
 from .preprocess import preprocess, to_tensor
 
 __version__ = "0.1.0"
@@ -33,7 +52,15 @@ __all__ = [
     "CheckpointMismatchError",
     "ConfigError",
     "DinoBackbone",
+    "DenseFeatures",
     "DinoappError",
+    "FeatureCache",
+    "ForegroundClassifier",
+    "HeadBackboneMismatchError",
+    "KNNClassifier",
+    "LinearSegHead",
+    "LogisticClassifier",
+    "SegHead",
     "Features",
     "HubUnavailableError",
     "InputError",
@@ -41,14 +68,28 @@ __all__ = [
     "LVD_STD",
     "SAT_MEAN",
     "SAT_STD",
+    "SceneMap",
     "SourceNotFoundError",
     "UnknownSourceError",
     "UnsafeCheckpointError",
     "UnsupportedFormatError",
+    "backbone_fingerprint",
+    "backbone_identity",
+    "dense_features",
     "expand_input_channels",
     "extract",
+    "fit_foreground",
+    "fit_seg_head",
+    "heads",
+    "image_embedding",
+    "load_head",
+    "metrics",
+    "save_head",
+    "segment_scene",
     "load_backbone",
     "preprocess",
     "save_backbone",
+    "scene_features",
     "to_tensor",
+    "viz",
 ]

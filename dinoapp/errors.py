@@ -58,6 +58,18 @@ class CheckpointMismatchError(CheckpointError):
         self.mismatched = list(mismatched or [])
 
 
+class HeadBackboneMismatchError(CheckpointMismatchError):
+    """A head is used (loaded, saved or run) with a backbone other than the one it was trained on.
+
+    ``expected`` and ``got`` are the two backbones' identity dicts (``got`` may be partial).
+    """
+
+    def __init__(self, message: str, *, expected: dict | None = None, got: dict | None = None) -> None:
+        super().__init__(message)
+        self.expected = dict(expected or {})
+        self.got = dict(got or {})
+
+
 class InputError(DinoappError, ValueError):
     """An image or tensor handed to dinoapp has a shape, type or size it cannot use."""
 

@@ -1,0 +1,269 @@
+"""Dense patch features at any resolution: one pass when it fits, overlapping windows beyond that,
+and whole GeoTIFF scenes tile by tile into a georeferenced map with bounded memory.
+
+ViT attention is global and DINOv3's RoPE coordinates are normalised to the input's extent, so a
+window's features are those of the window seen alone: sliding-window features approximate the
+(unaffordable) full-image pass, and overlapping windows are blended with linear ramps
+(:class:`domains.Mosaic`) so no seam is visible. Below ``max_tokens`` the image is processed in
+one pass and the result is exactly :func:`dinoapp.extract`'s.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from domains import Mosaic, tile_grid
+
+from .errors import ConfigError, InputError
+from .extract import autocast_for
+from .preprocess import preprocess, to_tensor
+
+
+@dataclass
+class DenseFeatures:
+    """Patch features of one image.
+
+    ``patches`` [h, w, D] (last block, normed); ``layers`` {block: [h, w, D]}; ``cls`` [D] (of the
+    whole image in one pass; the mean of the windows' CLS when tiled); ``image_size`` (H, W) of the
+    input image, ``input_size`` (H', W') it was processed at (multiples of the patch size);
+    ``windows``: number of windows (1 = one pass).
+    """
+
+    patches: torch.Tensor  # [h, w, D]
+    cls: torch.Tensor  # [D]
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
+    image_size: tuple[int, int] = (0, 0)
+    input_size: tuple[int, int] = (0, 0)
+    windows: int = 1
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.patches.shape[0]), int(self.patches.shape[1])
+
+
+def input_size_for(h: int, w: int, resolution: int | Sequence[int] | None, patch: int, policy: str) -> tuple[int, int]:
+    """(H', W') an ``h x w`` image is processed at: native (``None``; padded with ``policy="pad"``, else
+    rounded), long side ``resolution`` px keeping the aspect (int), or exactly ``(H', W')``."""
+    if resolution is None:
+        if policy == "pad":
+            return h + (-h % patch), w + (-w % patch)
+        return max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch)
+    if isinstance(resolution, int | np.integer):
+        s = int(resolution) / max(h, w)
+        return max(patch, round(h * s / patch) * patch), max(patch, round(w * s / patch) * patch)
+    th, tw = (int(v) for v in resolution)
+    if th % patch or tw % patch or th <= 0 or tw <= 0:
+        raise ConfigError(f"resolution {th}x{tw} must be positive multiples of the patch size {patch}")
+    return th, tw
+
+
+def _forward(backbone, x: torch.Tensor, want: list[int]):
+    """Last-block + intermediate normed patch grids and CLS of a batch [B, C, H, W]."""
+    outs = backbone.get_intermediate_layers(x, n=want, reshape=True, return_class_token=True, norm=True)
+    grids = [o[0].permute(0, 2, 3, 1) for o in outs]  # [B, h, w, D] each
+    return grids, outs[-1][1]  # CLS [B, D]
+
+
+def dense_features(
+    backbone,
+    image: Any,
+    *,
+    resolution: int | Sequence[int] | None = None,
+    policy: str = "resize",
+    layers: Sequence[int] | None = None,
+    max_tokens: int = 4096,
+    tile: int = 512,
+    overlap: int = 128,
+    batch_size: int = 4,
+    value_range: tuple[float, float] | None = None,
+    channels_first: bool | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> DenseFeatures:
+    """Dense features of one image at high resolution.
+
+    ``resolution``: ``None`` = native size, an int = long side in pixels (aspect kept), or (H, W);
+    all multiples of the patch size. ``policy``: ``"resize"`` (bicubic) or ``"pad"`` (native pixels,
+    padded to a multiple of 16: patch (r, c) covers pixels [16r, 16r+16) x [16c, 16c+16)).
+    When the patch grid has more than ``max_tokens`` patches (4096 = a 1024 x 1024 input), the
+    input is processed in ``tile``-pixel windows overlapping by ``overlap`` pixels (multiples of
+    16), ``batch_size`` windows per forward, and the patch grids are blended.
+    """
+    p = backbone.patch_size
+    dev = torch.device(device) if device is not None else next(backbone.parameters()).device
+    n_blocks = backbone.n_blocks
+    bad = [i for i in (layers or []) if not -n_blocks <= i < n_blocks]
+    if bad:
+        raise InputError(f"layers {bad} out of range for a {n_blocks}-block backbone")
+    want = sorted({i % n_blocks for i in (layers or [])} | {n_blocks - 1})
+    img = to_tensor(image, channels_first=channels_first, value_range=value_range)  # [C, H, W] in [0, 1]
+    H, W = img.shape[-2:]
+    size = input_size_for(H, W, resolution, p, policy)
+    if policy not in ("resize", "pad"):
+        raise ConfigError(f"policy must be 'resize' or 'pad' for dense features, got {policy!r}")
+    x = preprocess(img, backbone, size=size, policy=policy, channels_first=True)  # [C, H', W']
+    h, w = size[0] // p, size[1] // p
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.inference_mode(), autocast_for(dev, dtype):
+            if h * w <= max_tokens:
+                grids, cls = _forward(backbone, x[None].to(dev), want)
+                out = {b: g[0].float().cpu() for b, g in zip(want, grids)}
+                cls_v, n_win = cls[0].float().cpu(), 1
+            else:
+                out, cls_v, n_win = _sliding(backbone, x, want, tile, overlap, batch_size, dev, progress)
+    finally:
+        backbone.train(was_training)
+    last = out.pop(n_blocks - 1)
+    keep = {i % n_blocks for i in (layers or [])}
+    lay = dict(out)
+    if (n_blocks - 1) in keep:
+        lay[n_blocks - 1] = last
+    return DenseFeatures(
+        patches=last, cls=cls_v, layers=dict(sorted(lay.items())), image_size=(int(H), int(W)),
+        input_size=size, windows=n_win,
+    )
+
+
+def _sliding(backbone, x, want, tile, overlap, batch_size, dev, progress):
+    """Blend the patch grids of overlapping windows of a preprocessed image [C, H', W']."""
+    p = backbone.patch_size
+    Hp, Wp = x.shape[-2:]
+    if tile % p or overlap % p:
+        raise ConfigError(f"tile ({tile}) and overlap ({overlap}) must be multiples of the patch size {p}")
+    tiles = tile_grid(Hp, Wp, tile, overlap, edge="shift", align=p)
+    D = backbone.embed_dim
+    mos = {b: Mosaic(Hp, Wp, D, scale=p, overlap=overlap) for b in want}
+    cls_sum = torch.zeros(D)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tiles), desc="windows", unit="win")
+    for i in range(0, len(tiles), batch_size):
+        chunk = tiles[i : i + batch_size]
+        xb = torch.zeros((len(chunk), x.shape[0], tile, tile), dtype=x.dtype)  # 0 = the mean colour
+        for k, t in enumerate(chunk):
+            sub = x[:, t.y0 : t.y0 + tile, t.x0 : t.x0 + tile]
+            xb[k, :, : sub.shape[1], : sub.shape[2]] = sub
+        grids, cls = _forward(backbone, xb.to(dev), want)
+        cls_sum += cls.float().sum(0).cpu()
+        for b, g in zip(want, grids):
+            g = g.float().cpu().numpy()  # [B, th, tw, D]
+            for k, t in enumerate(chunk):
+                mos[b].add(t, g[k].transpose(2, 0, 1))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    out = {b: torch.from_numpy(m.result().transpose(1, 2, 0).copy()) for b, m in mos.items()}  # [h, w, D]
+    return out, cls_sum / len(tiles), len(tiles)
+
+
+@dataclass
+class SceneMap:
+    """A per-patch map of a whole raster scene: ``values`` [K, h, w] (float32, numpy or memmap),
+    ``valid`` [h, w] (patches with at least half their pixels valid and some window covering them),
+    ``meta``: the scene's :func:`domains.raster_info` (CRS, transform of the *scene*), so
+    ``domains.write_geotiff(path, values, like=meta, scale=16)`` writes it georeferenced."""
+
+    values: np.ndarray
+    valid: np.ndarray
+    meta: dict[str, Any]
+    scale: int
+    windows: int
+
+
+def scene_features(
+    backbone,
+    path: str | os.PathLike,
+    *,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    channels: int | None = None,
+    layers: Sequence[int] | None = None,
+    bands=None,
+    stats=None,
+    stretch="auto",
+    tile: int = 512,
+    overlap: int = 64,
+    min_valid: float = 0.01,
+    batch_size: int = 4,
+    memmap_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> SceneMap:
+    """Features (or anything computed from them) over a whole raster, window by window.
+
+    Windows come from :func:`domains.iter_tiles` (one tile in memory at a time, one scene-wide
+    stretch or the saved ``stats``), are run ``batch_size`` at a time, and their per-patch outputs
+    are blended into a :class:`domains.Mosaic` at patch resolution (``memmap_dir``: on disk, for
+    maps larger than RAM). ``reduce`` maps the last-block patch features [B, h, w, D] to the values
+    to keep [B, h, w, K] (a head's logits, a PCA projection, ...); ``channels`` is K (default D,
+    i.e. the features themselves; a 10000 px scene at ViT-L width is 1.6 GB: pass ``memmap_dir``
+    or a ``reduce``). ``layers``: blocks whose features are concatenated (in that order) as the
+    input of ``reduce`` instead of the last block alone (heads trained on several blocks).
+    """
+    import domains
+
+    p = backbone.patch_size
+    dev = torch.device(device) if device is not None else next(backbone.parameters()).device
+    info = domains.raster_info(path)
+    _, H, W = info["shape"]
+    n_blocks = backbone.n_blocks
+    bad = [i for i in (layers or []) if not -n_blocks <= i < n_blocks]
+    if bad:
+        raise InputError(f"layers {bad} out of range for a {n_blocks}-block backbone")
+    take = [i % n_blocks for i in layers] if layers else [n_blocks - 1]
+    want = sorted(set(take))
+    K = channels if channels is not None else backbone.embed_dim * len(take)
+    mos = Mosaic(H, W, K, scale=p, overlap=overlap, memmap_dir=memmap_dir)
+    n_win = 0
+    was_training = backbone.training
+    backbone.eval()
+
+    def run(batch: list[tuple[np.ndarray, dict]]) -> None:
+        xb = torch.stack(
+            [preprocess(torch.from_numpy(a), backbone, policy="pad", channels_first=True) for a, _ in batch]
+        )  # [B, C, tile, tile]
+        with torch.inference_mode(), autocast_for(dev, dtype):
+            grids, _ = _forward(backbone, xb.to(dev), want)
+            by_block = dict(zip(want, grids))
+            feats = torch.cat([by_block[i] for i in take], dim=-1) if len(take) > 1 else by_block[take[0]]
+            vals = feats if reduce is None else reduce(feats)  # [B, h, w, K]
+        vals = vals.float().cpu().numpy()
+        if vals.shape[-1] != K:
+            raise ConfigError(f"reduce returned {vals.shape[-1]} channels, channels={K} was given")
+        for (_, m), v in zip(batch, vals):
+            t = m["tile"]
+            pv = m["valid"].reshape(t.height // p, p, t.width // p, p).mean(axis=(1, 3)) >= 0.5  # [h, w]
+            mos.add(t, v.transpose(2, 0, 1), valid=pv)
+
+    try:
+        batch: list = []
+        for a, m in domains.iter_tiles(path, tile, overlap, bands=bands, stats=stats, stretch=stretch,
+                                       min_valid=min_valid, align=p, progress=progress):
+            batch.append((a, m))
+            n_win += 1
+            if len(batch) == batch_size:
+                run(batch)
+                batch = []
+        if batch:
+            run(batch)
+    finally:
+        backbone.train(was_training)
+    return SceneMap(values=mos.result(fill=np.nan), valid=mos.coverage(), meta=info, scale=p, windows=n_win)
+
+
+def windows_needed(h: int, w: int, tile: int = 512, overlap: int = 128) -> int:
+    """How many windows :func:`dense_features` uses for an ``h x w`` input (for progress estimates)."""
+    return len(tile_grid(h, w, tile, overlap, edge="shift")) if h * w > 0 else 0
+

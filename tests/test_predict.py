@@ -1,0 +1,75 @@
+"""Whole-scene and large-image segmentation with a head on frozen features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dinoapp
+from dinoapp.heads import fit_seg_head
+from dinoapp.predict import segment_scene
+
+rasterio = pytest.importorskip("rasterio")
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return dinoapp.load_backbone("vit_tiny", depth=2, seed=0)
+
+
+def _scene(h, w, seed=0):
+    """Yellow discs (class 1) on a dark textured background (class 0): image [H, W, 3] uint8, mask [H, W]."""
+    rng = np.random.default_rng(seed)
+    img = (rng.random((h, w, 3)) * 60 + 20).astype(np.float32)
+    mask = np.zeros((h, w), np.int64)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(max(2, h * w // 6000)):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(12, 28)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        img[disc] = (230, 220, 40)
+        mask[disc] = 1
+    return np.clip(img, 1, 255).astype(np.uint8), mask
+
+
+@pytest.fixture(scope="module")
+def head(bb):
+    imgs, masks = zip(*[_scene(128, 128, s) for s in range(6)])
+    f = dinoapp.extract(bb, list(imgs), size=(128, 128), policy="pad")
+    return fit_seg_head(f, np.stack(masks), 2, class_names=["ground", "disc"], backbone=bb, epochs=40,
+                        size=(128, 128), policy="pad")
+
+
+def test_segment_large_image_with_sliding_windows(bb, head):
+    img, mask = _scene(300, 420, seed=11)
+    cls, probs = head.segment_large(bb, img, max_tokens=64, tile=128, overlap=32)
+    assert cls.shape == (300, 420) and probs.shape == (2, 300, 420)
+    torch.testing.assert_close(probs.sum(0), torch.ones(300, 420), atol=1e-5, rtol=0)
+    iou = dinoapp.metrics.mean_iou(mask, cls.numpy(), 2)
+    assert iou > 0.6
+    one, _ = head.segment_large(bb, img)  # one pass (fits max_tokens) gives nearly the same map
+    assert (one == cls).float().mean() > 0.95
+
+
+def test_segment_scene_writes_georeferenced_maps(bb, head, tmp_path):
+    from affine import Affine
+
+    from tests.geo_factory import make_geotiff
+
+    img, mask = _scene(260, 300, seed=5)
+    p = make_geotiff(tmp_path / "scene.tif", img.transpose(2, 0, 1), crs="EPSG:32632",
+                     transform=Affine(0.5, 0, 600000, 0, -0.5, 5100000))
+    out = segment_scene(head, bb, p, tmp_path / "out" / "scene", tile=128, overlap=32, progress=False)
+    with rasterio.open(out["classes"]) as dst, rasterio.open(p) as src:
+        assert dst.shape == src.shape and dst.transform == src.transform and dst.crs == src.crs
+        cls = dst.read(1)
+        assert dst.tags()["DINOAPP_CLASSES"] == "ground,disc" and dst.colormap(1)[1] != dst.colormap(1)[0]
+    assert set(np.unique(cls)) <= {0, 1, 255}
+    assert dinoapp.metrics.mean_iou(mask, np.where(cls == 255, 0, cls), 2) > 0.6
+    with rasterio.open(out["probs"]) as dst:
+        assert dst.count == 2 and dst.transform == Affine(0.5, 0, 600000, 0, -0.5, 5100000) @ Affine.scale(16)
+        pr = dst.read()
+        np.testing.assert_allclose(np.nansum(pr, axis=0)[~np.isnan(pr[0])], 1.0, atol=1e-5)
+    other = dinoapp.load_backbone("vit_tiny", depth=2, seed=3)
+    with pytest.raises(dinoapp.errors.HeadBackboneMismatchError):
+        segment_scene(head, other, p, tmp_path / "x", progress=False)
