@@ -1,4 +1,5 @@
-"""Command line: ``dinoapp info SOURCE``, ``dinoapp convert SOURCE OUT``, ``dinoapp archs``."""
+"""Command line: ``dinoapp info|convert|archs`` (backbones) and ``dinoapp extract|pca|similarity|fit-head|predict``
+(dense features, maps and heads; see :mod:`dinoapp.cli_dense`)."""
 
 from __future__ import annotations
 
@@ -53,10 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_convert)
     p = sub.add_parser("archs", help="list the known architectures")
     p.set_defaults(func=_archs)
+    from .cli_dense import add_parsers
+
+    add_parsers(sub)
     args = parser.parse_args(argv)
+    from domains.errors import DomainError
+
     try:
         args.func(args)
-    except DinoappError as e:
+    except (DinoappError, DomainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
