@@ -11,6 +11,8 @@ one pass and the result is exactly :func:`dinoapp.extract`'s.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,10 +232,19 @@ def scene_features(
     was_training = backbone.training
     backbone.eval()
 
-    def run(batch: list[tuple[np.ndarray, dict]]) -> None:
-        xb = torch.stack(
-            [preprocess(torch.from_numpy(a), backbone, policy="pad", channels_first=True) for a, _ in batch]
-        )  # [B, C, tile, tile]
+    def batches():  # runs in a reader thread: windowed reads + stretch + normalisation overlap the forward
+        batch: list = []
+        for a, m in domains.iter_tiles(path, tile, overlap, bands=bands, stats=stats, stretch=stretch,
+                                       min_valid=min_valid, align=p, progress=progress):  # fmt: skip
+            batch.append((preprocess(torch.from_numpy(a), backbone, policy="pad", channels_first=True), m))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def run(batch: list[tuple[torch.Tensor, dict]]) -> None:
+        xb = torch.stack([x for x, _ in batch])  # [B, C, tile, tile]
         with torch.inference_mode(), autocast_for(dev, dtype):
             grids, _ = _forward(backbone, xb.to(dev), want)
             by_block = dict(zip(want, grids))
@@ -248,19 +259,56 @@ def scene_features(
             mos.add(t, v.transpose(2, 0, 1), valid=pv)
 
     try:
-        batch: list = []
-        for a, m in domains.iter_tiles(path, tile, overlap, bands=bands, stats=stats, stretch=stretch,
-                                       min_valid=min_valid, align=p, progress=progress):
-            batch.append((a, m))
-            n_win += 1
-            if len(batch) == batch_size:
-                run(batch)
-                batch = []
-        if batch:
+        for batch in prefetch(batches(), depth=2):
+            n_win += len(batch)
             run(batch)
     finally:
         backbone.train(was_training)
     return SceneMap(values=mos.result(fill=np.nan), valid=mos.coverage(), meta=info, scale=p, windows=n_win)
+
+
+def prefetch(iterable, depth: int = 2):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead (IO and numpy release the GIL).
+
+    An exception in the producer is re-raised in the consumer; stopping early stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", done))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", err))
+
+    th = threading.Thread(target=produce, name="dinoapp-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        while th.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(timeout=0.05)
 
 
 def windows_needed(h: int, w: int, tile: int = 512, overlap: int = 128) -> int:

@@ -27,6 +27,7 @@ scikit-learn (PCA, k-means) and matplotlib (colour maps; no pyplot, no global st
 from __future__ import annotations
 
 import colorsys
+import functools
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -355,19 +356,24 @@ def similarity_map(features: Any, query: Any, *, other: Any = None) -> np.ndarra
     target = f if other is None else _features(other, "other")  # [h2, w2, D]
     if target.shape[-1] != f.shape[-1]:
         raise InputError(f"other has feature width {target.shape[-1]}, features {f.shape[-1]}: use the same backbone")
+    rc = None
     if isinstance(query, (tuple, list)):
         r, c = _patch_index(query, f.shape[:2], "query patch")
-        q = f[r, c]  # [D]
+        q, rc = f[r, c], (r, c)  # [D]
     else:
         q = _to_numpy(query).astype(np.float32, copy=False)
         if q.shape != (f.shape[-1],):
             raise InputError(
                 f"query must be a patch (row, col) tuple or a feature vector [{f.shape[-1]}], got shape {q.shape}"
             )
-    sim = _l2_normalize(target.astype(np.float64)) @ _l2_normalize(
-        q.astype(np.float64)
-    )  # [h2, w2], float64 so self = 1
-    return np.clip(sim, -1.0, 1.0).astype(np.float32)
+    # float32 (a megapixel image's 4096 patches in ~1 ms); the query patch itself is set to exactly 1
+    t32 = target.astype(np.float32, copy=False)
+    norms = np.sqrt(np.einsum("hwd,hwd->hw", t32, t32))  # [h2, w2]
+    qn = q.astype(np.float32) / max(float(np.linalg.norm(q)), 1e-12)
+    sim = (t32 @ qn) / np.maximum(norms, np.float32(1e-12))  # [h2, w2]
+    if rc is not None and other is None:
+        sim[rc] = 1.0
+    return np.clip(sim, -1.0, 1.0, out=sim).astype(np.float32, copy=False)
 
 
 def pixel_to_patch(
@@ -563,6 +569,13 @@ def _colormap(cmap: str):
         ) from err
 
 
+@functools.lru_cache(maxsize=32)
+def _lut(cmap: str) -> np.ndarray:
+    """The colour map sampled at 256 levels, uint8 [256, 3]: ``np.take`` on it colours a megapixel map in
+    ~3 ms, 4x faster than calling the matplotlib map or fancy-indexing."""
+    return np.ascontiguousarray(_colormap(cmap)(np.linspace(0.0, 1.0, 256), bytes=True)[:, :3], dtype=np.uint8)
+
+
 def colorize(values: Any, *, cmap: str = "inferno", vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
     """A scalar map [h, w] -> uint8 RGB [h, w, 3] through a matplotlib colour map (no global state).
 
@@ -575,10 +588,16 @@ def colorize(values: Any, *, cmap: str = "inferno", vmin: float | None = None, v
     finite = np.isfinite(v)
     lo = float(vmin) if vmin is not None else (float(v[finite].min()) if finite.any() else 0.0)
     hi = float(vmax) if vmax is not None else (float(v[finite].max()) if finite.any() else 1.0)
-    t = np.clip((v - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(v)
-    rgb = _colormap(cmap)(np.where(finite, t, 0.0), bytes=True)[..., :3]  # [h, w, 3] uint8
-    rgb[~finite] = 0
-    return np.ascontiguousarray(rgb, dtype=np.uint8)
+    if hi > lo:
+        t = (v - lo) * np.float32(255.0 / (hi - lo)) + np.float32(0.5)  # 256 levels, like matplotlib's N=256 maps
+        np.clip(t, 0.0, 255.0, out=t)
+    else:
+        t = np.zeros_like(v)
+    idx = (t if finite.all() else np.where(finite, t, 0.0)).astype(np.uint8)
+    rgb = np.take(_lut(cmap), idx, axis=0)  # [h, w, 3] uint8
+    if not finite.all():
+        rgb[~finite] = 0
+    return rgb
 
 
 def _image_rgb_uint8(image: Any) -> np.ndarray:
@@ -616,7 +635,8 @@ def _image_rgb_uint8(image: Any) -> np.ndarray:
             lo = np.percentile(f, 2, axis=(0, 1), keepdims=True)
             hi = np.percentile(f, 98, axis=(0, 1), keepdims=True)
             f = (f - lo) / np.maximum(hi - lo, 1e-12)
-        out = np.round(np.clip(f, 0.0, 1.0) * 255).astype(np.uint8)
+        f = f * np.float32(255.0) + np.float32(0.5)
+        out = np.clip(f, 0.0, 255.0, out=f).astype(np.uint8)
     else:
         raise InputError(f"unsupported image dtype {a.dtype}")
     if out.shape[-1] == 1:
@@ -654,16 +674,19 @@ def overlay(
         finite = np.isfinite(hv)
         lo = vmin if vmin is not None else (float(hv[finite].min()) if finite.any() else 0.0)
         hi = vmax if vmax is not None else (float(hv[finite].max()) if finite.any() else 1.0)
-        col = colorize(upsample(hv, (H, W), mode=mode), cmap=cmap, vmin=lo, vmax=hi).astype(np.float32)
+        col = colorize(upsample(hv, (H, W), mode=mode), cmap=cmap, vmin=lo, vmax=hi)  # uint8 [H, W, 3]
     elif hm.ndim == 3 and hm.shape[-1] == 3:
         rgb = hm.astype(np.float32) if hm.dtype == np.uint8 else np.clip(hm.astype(np.float32), 0.0, 1.0) * 255.0
-        col = upsample(rgb, (H, W), mode=mode).astype(np.float32)  # [H, W, 3] in [0, 255]
+        col = upsample(rgb, (H, W), mode=mode)  # [H, W, 3] in [0, 255]
     else:
         raise InputError(f"heat must be a map [h, w] or colours [h, w, 3], got shape {hm.shape}")
     if alpha == 0.0:
         return img.copy()
-    out = (1.0 - alpha) * img.astype(np.float32) + alpha * col
-    return np.round(out).clip(0, 255).astype(np.uint8)
+    a = np.float32(alpha)
+    out = img * (np.float32(1.0) - a)  # float32 [H, W, 3]
+    out += a * col
+    out += np.float32(0.5)
+    return np.clip(out, 0, 255, out=out).astype(np.uint8)
 
 
 def mark_patch(

@@ -162,3 +162,36 @@ def test_cache_evicts_by_bytes(bb):
     cache.features(bb, _image(32, 32), resolution=32)
     cache.features(bb, _image(32, 32, seed=1), resolution=32)
     assert len(cache) == 1
+
+
+def test_prefetch_order_errors_and_early_stop():
+    import threading
+
+    from dinoapp.dense import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def bad():
+        yield 1
+        raise ValueError("reader failed")
+
+    got = []
+    with pytest.raises(ValueError, match="reader failed"):
+        for x in prefetch(bad()):
+            got.append(x)
+    assert got == [1]
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    for x in prefetch(endless(), depth=2):
+        if x == 3:
+            break
+    n = len(produced)
+    assert n <= 3 + 1 + 2 + 1  # consumed + in the queue + one in hand: the producer stopped
+    assert not any(t.name == "dinoapp-prefetch" and t.is_alive() for t in threading.enumerate())
