@@ -236,7 +236,10 @@ def scene_features(
         batch: list = []
         for a, m in domains.iter_tiles(path, tile, overlap, bands=bands, stats=stats, stretch=stretch,
                                        min_valid=min_valid, align=p, progress=progress):  # fmt: skip
-            batch.append((preprocess(torch.from_numpy(a), backbone, policy="pad", channels_first=True), m))
+            x = _normalise_tile(a, backbone, mean, std)  # [C, tile, tile]
+            if not m["valid"].all():
+                x[:, torch.from_numpy(~m["valid"])] = 0.0  # nodata and beyond-the-edge pixels: the mean colour
+            batch.append((x, m))
             if len(batch) == batch_size:
                 yield batch
                 batch = []
@@ -258,13 +261,26 @@ def scene_features(
             pv = m["valid"].reshape(t.height // p, p, t.width // p, p).mean(axis=(1, 3)) >= 0.5  # [h, w]
             mos.add(t, v.transpose(2, 0, 1), valid=pv)
 
+    mean = torch.tensor(backbone.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(backbone.std, dtype=torch.float32).view(-1, 1, 1)
+    # On a GPU the reader thread hides IO behind the forward; on a CPU the forward already uses every core
+    # and a competing thread slows torch's parallel regions more than it saves (measured: 0.77x vs 0.85x).
+    source = prefetch(batches(), depth=2) if dev.type != "cpu" else batches()
     try:
-        for batch in prefetch(batches(), depth=2):
+        for batch in source:
             n_win += len(batch)
             run(batch)
     finally:
         backbone.train(was_training)
     return SceneMap(values=mos.result(fill=np.nan), valid=mos.coverage(), meta=info, scale=p, windows=n_win)
+
+
+def _normalise_tile(a: np.ndarray, backbone, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A domains tile (float32 [C, H, W] in [0, 1], finite) -> normalised input, in place (no copies);
+    other channel counts go through :func:`preprocess` (grey -> RGB, or its error)."""
+    if a.shape[0] != backbone.in_chans or a.dtype != np.float32:
+        return preprocess(torch.from_numpy(a), backbone, policy="pad", channels_first=True)
+    return torch.from_numpy(a).sub_(mean).div_(std)  # [C, H, W]
 
 
 def prefetch(iterable, depth: int = 2):
