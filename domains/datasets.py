@@ -129,31 +129,30 @@ class FolderDataset:
             raise IndexError(f"index {i} out of range for {n} files")
         i %= n
         for k in range(n):
-            j = (i + k) % n
-            if j in self._bad:
-                continue
-            try:
-                return self.read(j)
-            except OptionError:
-                raise  # a configuration error, the same for every file of this type
-            except (DomainError, OSError, ValueError) as err:
-                if self.on_error == "raise":
-                    raise
-                self._record(j, err)
+            got = self._try_read((i + k) % n)
+            if got is not None:
+                return got
         raise NoValidPixelsError(f"none of the {n} files could be read; see dataset.errors / the error log")
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         for j in range(len(self.files)):
-            if j in self._bad:
-                continue
-            try:
-                yield self.read(j)
-            except OptionError:
-                raise  # a configuration error, the same for every file of this type
-            except (DomainError, OSError, ValueError) as err:
-                if self.on_error == "raise":
-                    raise
-                self._record(j, err)
+            got = self._try_read(j)
+            if got is not None:
+                yield got
+
+    def _try_read(self, j: int) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """File ``j``, or None when it is (or was before) unreadable and ``on_error="skip"``."""
+        if j in self._bad:
+            return None
+        try:
+            return self.read(j)
+        except OptionError:
+            raise  # a configuration error, the same for every file of this type
+        except (DomainError, OSError, ValueError) as err:
+            if self.on_error == "raise":
+                raise
+            self._record(j, err)
+            return None
 
     def read(self, j: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Read file ``j`` (a random window of it when ``window`` is set); errors propagate."""
