@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check for a lent CUDA machine: the gpu-marked tests and the extraction benchmark on CUDA.
+# GPU check for a lent CUDA machine: the gpu-marked tests (extraction, dense windows, scenes with the
+# reader thread, bf16 autocast) and the extraction benchmark on CUDA.
 # Usage (repo root, torch/timm already importable): bash benchmarks/gpu_smoke.sh
 set -euo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -195,3 +195,22 @@ def test_prefetch_order_errors_and_early_stop():
     n = len(produced)
     assert n <= 3 + 1 + 2 + 1  # consumed + in the queue + one in hand: the producer stopped
     assert not any(t.name == "dinoapp-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.gpu
+def test_dense_and_scene_features_on_cuda(tmp_path):
+    """bf16 autocast windows on CUDA agree with fp32 CPU; the scene path runs its reader thread."""
+    from tests.geo_factory import make_geotiff
+
+    cpu = dinoapp.load_backbone("vit_tiny", depth=3, seed=0)
+    gpu = dinoapp.load_backbone("vit_tiny", depth=3, seed=0, device="cuda")
+    img = _image(256, 384)
+    a = dense_features(cpu, img, policy="pad", max_tokens=100, tile=128, overlap=32)
+    b = dense_features(gpu, img, policy="pad", max_tokens=100, tile=128, overlap=32)
+    assert b.patches.device.type == "cpu" and b.windows == a.windows
+    assert torch.nn.functional.cosine_similarity(a.patches, b.patches, dim=-1).min() > 0.98
+    p = make_geotiff(tmp_path / "s.tif", (img * 250 + 1).astype(np.uint8).transpose(2, 0, 1))
+    sa = scene_features(cpu, p, tile=128, overlap=32, progress=False)
+    sb = scene_features(gpu, p, tile=128, overlap=32, progress=False)
+    fa, fb = torch.from_numpy(sa.values), torch.from_numpy(sb.values)
+    assert torch.nn.functional.cosine_similarity(fa, fb, dim=0).min() > 0.98
