@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (DinoappError, DomainError) as e:
+    except (DinoappError, DomainError, OSError) as e:  # OSError: an unwritable --out, a folder as a file, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

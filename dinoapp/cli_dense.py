@@ -48,7 +48,8 @@ def _read(path: Path, bb, args) -> tuple[np.ndarray, dict]:
     import domains
 
     arr, meta = domains.load(path, **_load_opts(args))
-    if meta["reader"] == "geotiff" and arr.shape[0] != bb.in_chans and bb.in_chans == 3 and not args.bands:
+    # more bands than an RGB backbone takes: pick red, green, blue (a grey raster is repeated to RGB as it is)
+    if meta["reader"] == "geotiff" and arr.shape[0] > bb.in_chans and bb.in_chans == 3 and not args.bands:
         arr, meta = domains.load(path, geotiff={"bands": "rgb", **_load_opts(args)["geotiff"]})
     return arr, meta
 
@@ -72,7 +73,7 @@ def _dense(bb, arr, args, layers=None):
 
     return dense_features(bb, arr, resolution=args.resolution, policy=args.policy, layers=layers,
                           max_tokens=args.max_tokens, tile=args.tile, overlap=args.overlap,
-                          channels_first=True)  # fmt: skip
+                          channels_first=True, progress=True)  # fmt: skip
 
 
 def _save_png(path: Path, rgb: np.ndarray) -> Path:
@@ -160,9 +161,10 @@ def _similarity(args) -> None:
     arr, meta = _read(src, bb, args)
     d = _dense(bb, arr, args)
     canvas = d.input_size if args.policy == "pad" else d.image_size
+    if not (0 <= args.pixel[0] < d.image_size[0] and 0 <= args.pixel[1] < d.image_size[1]):
+        raise InputError(f"pixel (row, col) = {tuple(args.pixel)} is outside the {d.image_size[0]} x "
+                         f"{d.image_size[1]} image (rows 0..{d.image_size[0] - 1}, cols 0..{d.image_size[1] - 1})")
     r, c = viz.pixel_to_patch(tuple(args.pixel), canvas, d.grid)
-    if args.policy == "pad" and (args.pixel[0] >= d.image_size[0] or args.pixel[1] >= d.image_size[1]):
-        raise InputError(f"pixel {tuple(args.pixel)} is outside the {d.image_size[0]} x {d.image_size[1]} image")
     target, tarr, tmeta, td = src, arr, meta, d
     if args.other:
         target = Path(args.other)
@@ -188,11 +190,28 @@ def _similarity(args) -> None:
     print(f"query patch ({r}, {c}); best matches (row, col, cosine): {best}; wrote {out}")
 
 
+MASK_EXT = (".png", ".tif", ".tiff", ".bmp", ".gif")
+
+
 def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
-    masks = {p.stem: p for p in masks_dir.iterdir() if p.is_file()}
-    pairs = [(p, masks[p.stem]) for p in _inputs([str(images_dir)]) if p.stem in masks]
+    """(image, mask) pairs matched by file stem; images without a mask are left out (and counted on stderr)."""
+    import sys
+
+    for flag, d in (("--images", images_dir), ("--masks", masks_dir)):
+        if not d.is_dir():
+            raise InputError(f"{flag} {d} is not a folder")
+    masks = {p.stem: p for p in sorted(masks_dir.iterdir()) if p.is_file() and p.suffix.lower() in MASK_EXT}
+    images = _inputs([str(images_dir)])
+    pairs = [(p, masks[p.stem]) for p in images if p.stem in masks]
     if not pairs:
-        raise InputError(f"no image in {images_dir} has a mask with the same file stem in {masks_dir}")
+        example = next((m.name for m in masks.values()), None)
+        raise InputError(f"no image in {images_dir} has a mask with the same file stem in {masks_dir} (masks are "
+                         f"matched by name: images/a.jpg <-> masks/a.png; e.g. {images[0].name!r} vs "
+                         f"{example!r})")  # fmt: skip
+    if len(pairs) < len(images):
+        missing = [p.name for p in images if p.stem not in masks]
+        print(f"note: {len(missing)} of {len(images)} images have no mask and are left out (e.g. {missing[:3]})",
+              file=sys.stderr)  # fmt: skip
     return pairs
 
 
@@ -202,16 +221,32 @@ def _fit_head(args) -> None:
     from . import heads
     from .extract import extract
 
+    try:
+        layers = None if not args.layers else ["auto"] if args.layers == ["auto"] else [int(x) for x in args.layers]
+    except ValueError:
+        raise ConfigError(f"--layers takes block numbers (e.g. 2 5 8 11, -1 = the last) or 'auto', got "
+                          f"{' '.join(args.layers)}") from None  # fmt: skip
     bb = _backbone(args)
     size = (args.size, args.size) if args.size else None
-    layers = heads.evenly_spaced_layers(bb.n_blocks) if args.layers == ["auto"] else \
-        ([int(x) for x in args.layers] if args.layers else None)  # fmt: skip
+    n = bb.n_blocks
+    if layers == ["auto"]:
+        layers = heads.evenly_spaced_layers(n)
+    elif layers:
+        layers = [i % n if -n <= i < n else i for i in layers]  # -1 = the last block (out of range: extract says so)
     if args.masks:
+        if not args.images:
+            raise ConfigError("--masks needs --images (the folder of images the masks belong to)")
         pairs = _pairs(Path(args.images), Path(args.masks))
         imgs = [_read(p, bb, args)[0] for p, _ in _bar(pairs, "read")]
         masks = [np.asarray(Image.open(m)) for _, m in pairs]
-        if any(m.ndim != 2 for m in masks):
-            raise InputError("masks must be single-band label images (PNG with class indices, 255 = unlabelled)")
+        for (p, m), a, mask in zip(pairs, imgs, masks):
+            if mask.ndim != 2:
+                raise InputError(f"{m}: masks must be single-band label images (PNG with class indices, "
+                                 "255 = unlabelled)")  # fmt: skip
+            if args.policy == "pad" and mask.shape != a.shape[1:]:
+                raise InputError(f"{m} is {mask.shape[0]} x {mask.shape[1]} but {p.name} is {a.shape[1]} x "
+                                 f"{a.shape[2]}: with --policy pad a mask must have its image's size "
+                                 "(--policy resize maps masks of another size onto the image)")  # fmt: skip
         n_classes = args.n_classes or int(max(int(m[m != 255].max(initial=0)) for m in masks)) + 1
         if size is None:
             shapes = {a.shape[1:] for a in imgs}
@@ -230,12 +265,18 @@ def _fit_head(args) -> None:
 
             msg = f", training mIoU {mean_iou(np.stack(masks), pred.numpy(), n_classes):.3f}"
     elif args.labels:
-        rows = list(csv.DictReader(open(args.labels, newline="")))  # noqa: SIM115 - read at once
+        if not Path(args.labels).is_file():
+            raise InputError(f"--labels {args.labels}: no such CSV file")
+        with open(args.labels, newline="") as fh:
+            rows = list(csv.DictReader(fh))
         if not rows or not {"path", "label"} <= set(rows[0]):
             raise InputError(f"{args.labels}: needs a header with columns 'path' and 'label'")
+        labels = [r["label"] for r in rows]
+        if args.kind == "logistic" and len(set(labels)) < 2:  # say so before reading every image
+            raise InputError(f"{args.labels}: logistic regression needs at least 2 classes, every row is labelled "
+                             f"{labels[0]!r}")  # fmt: skip
         base = Path(args.images) if args.images else Path(args.labels).parent
         imgs = [_read(base / r["path"], bb, args)[0] for r in _bar(rows, "read")]
-        labels = [r["label"] for r in rows]
         f = extract(bb, [torch.from_numpy(a) for a in imgs], size=args.size or 224, policy="resize",
                     batch_size=args.batch_size, progress=True)  # fmt: skip
         emb = heads.image_embedding(f, args.embedding)
@@ -265,9 +306,9 @@ def _predict(args) -> None:
             arr, meta = _read(p, bb, args)
             if meta["reader"] == "geotiff":
                 opts = _load_opts(args)["geotiff"]
-                segment_scene(head, bb, p, out / p.stem, bands=opts.get("bands", "rgb" if bb.in_chans == 3 and
-                              arr.shape[0] == 3 else None), stats=opts.get("stats"), tile=args.tile,
-                              overlap=args.overlap, progress=False)  # fmt: skip
+                # the scene is read window by window with the bands _read chose (red, green, blue by number)
+                segment_scene(head, bb, p, out / p.stem, bands=opts.get("bands", meta.get("bands")),
+                              stats=opts.get("stats"), tile=args.tile, overlap=args.overlap)  # fmt: skip
                 continue
             cls, _ = head.segment_large(bb, arr, policy="pad", tile=args.tile, overlap=args.overlap,
                                         max_tokens=args.max_tokens, channels_first=True)  # fmt: skip

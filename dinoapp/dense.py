@@ -56,13 +56,40 @@ def input_size_for(h: int, w: int, resolution: int | Sequence[int] | None, patch
         if policy == "pad":
             return h + (-h % patch), w + (-w % patch)
         return max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch)
-    if isinstance(resolution, int | np.integer):
+    if isinstance(resolution, int | np.integer) and not isinstance(resolution, bool):
+        if resolution < 1:
+            raise ConfigError(f"resolution must be a positive long side in pixels, got {resolution}")
         s = int(resolution) / max(h, w)
         return max(patch, round(h * s / patch) * patch), max(patch, round(w * s / patch) * patch)
+    if not isinstance(resolution, Sequence | np.ndarray) or len(resolution) != 2:
+        raise ConfigError(f"resolution must be None, an int (long side in px) or (H, W), got {resolution!r}")
     th, tw = (int(v) for v in resolution)
     if th % patch or tw % patch or th <= 0 or tw <= 0:
         raise ConfigError(f"resolution {th}x{tw} must be positive multiples of the patch size {patch}")
     return th, tw
+
+
+def check_windows(tile: int, overlap: int, batch_size: int, patch: int) -> None:
+    """Raise :class:`ConfigError` unless ``tile``/``overlap`` are multiples of the patch size with
+    ``0 <= overlap < tile`` and ``batch_size`` is a positive integer."""
+    for name, v in (("tile", tile), ("overlap", overlap), ("batch_size", batch_size)):
+        if not isinstance(v, int | np.integer) or isinstance(v, bool):
+            raise ConfigError(f"{name} must be an integer, got {v!r}")
+    if tile < patch or tile % patch or overlap % patch:
+        raise ConfigError(f"tile ({tile}) and overlap ({overlap}) must be multiples of the patch size {patch}")
+    if not 0 <= overlap < tile:
+        raise ConfigError(f"overlap must be in [0, tile) pixels, got overlap={overlap} for tile={tile}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
+
+
+def window_shape(height: int, width: int, tile: int, overlap: int, patch: int) -> tuple[tuple[int, int], int]:
+    """((tile_h, tile_w), overlap) for a ``height x width`` input: a side shorter than ``tile`` gets windows
+    of that side (rounded up to the patch size) instead of windows mostly made of padding; the overlap
+    shrinks below the shorter window side when needed (it only matters along the other axis)."""
+    th = min(tile, height + (-height % patch))
+    tw = min(tile, width + (-width % patch))
+    return (th, tw), min(overlap, min(th, tw) - patch)
 
 
 def _forward(backbone, x: torch.Tensor, want: list[int]):
@@ -104,12 +131,13 @@ def dense_features(
     bad = [i for i in (layers or []) if not -n_blocks <= i < n_blocks]
     if bad:
         raise InputError(f"layers {bad} out of range for a {n_blocks}-block backbone")
+    if policy not in ("resize", "pad"):
+        raise ConfigError(f"policy must be 'resize' or 'pad' for dense features, got {policy!r}")
+    check_windows(tile, overlap, batch_size, p)
     want = sorted({i % n_blocks for i in (layers or [])} | {n_blocks - 1})
     img = to_tensor(image, channels_first=channels_first, value_range=value_range)  # [C, H, W] in [0, 1]
     H, W = img.shape[-2:]
     size = input_size_for(H, W, resolution, p, policy)
-    if policy not in ("resize", "pad"):
-        raise ConfigError(f"policy must be 'resize' or 'pad' for dense features, got {policy!r}")
     x = preprocess(img, backbone, size=size, policy=policy, channels_first=True)  # [C, H', W']
     h, w = size[0] // p, size[1] // p
     was_training = backbone.training
@@ -124,6 +152,9 @@ def dense_features(
                 out, cls_v, n_win = _sliding(backbone, x, want, tile, overlap, batch_size, dev, progress)
     finally:
         backbone.train(was_training)
+    # ordinary tensors, not inference-mode ones: callers normalise them in place or train heads on them
+    out = {b: t.clone() if t.is_inference() else t for b, t in out.items()}
+    cls_v = cls_v.clone() if cls_v.is_inference() else cls_v
     last = out.pop(n_blocks - 1)
     keep = {i % n_blocks for i in (layers or [])}
     lay = dict(out)
@@ -139,9 +170,8 @@ def _sliding(backbone, x, want, tile, overlap, batch_size, dev, progress):
     """Blend the patch grids of overlapping windows of a preprocessed image [C, H', W']."""
     p = backbone.patch_size
     Hp, Wp = x.shape[-2:]
-    if tile % p or overlap % p:
-        raise ConfigError(f"tile ({tile}) and overlap ({overlap}) must be multiples of the patch size {p}")
-    tiles = tile_grid(Hp, Wp, tile, overlap, edge="shift", align=p)
+    (th, tw), overlap = window_shape(Hp, Wp, tile, overlap, p)
+    tiles = tile_grid(Hp, Wp, (th, tw), overlap, edge="shift", align=p)
     D = backbone.embed_dim
     mos = {b: Mosaic(Hp, Wp, D, scale=p, overlap=overlap) for b in want}
     cls_sum = torch.zeros(D)
@@ -152,9 +182,9 @@ def _sliding(backbone, x, want, tile, overlap, batch_size, dev, progress):
         bar = tqdm(total=len(tiles), desc="windows", unit="win")
     for i in range(0, len(tiles), batch_size):
         chunk = tiles[i : i + batch_size]
-        xb = torch.zeros((len(chunk), x.shape[0], tile, tile), dtype=x.dtype)  # 0 = the mean colour
+        xb = torch.zeros((len(chunk), x.shape[0], th, tw), dtype=x.dtype)  # 0 = the mean colour
         for k, t in enumerate(chunk):
-            sub = x[:, t.y0 : t.y0 + tile, t.x0 : t.x0 + tile]
+            sub = x[:, t.y0 : t.y0 + th, t.x0 : t.x0 + tw]
             xb[k, :, : sub.shape[1], : sub.shape[2]] = sub
         grids, cls = _forward(backbone, xb.to(dev), want)
         cls_sum += cls.float().sum(0).cpu()
@@ -172,8 +202,10 @@ def _sliding(backbone, x, want, tile, overlap, batch_size, dev, progress):
 
 @dataclass
 class SceneMap:
-    """A per-patch map of a whole raster scene: ``values`` [K, h, w] (float32, numpy or memmap),
-    ``valid`` [h, w] (patches with at least half their pixels valid and some window covering them),
+    """A per-patch map of a whole raster scene: ``values`` [K, h, w] (float32; with ``memmap_dir`` a
+    ``np.memmap`` whose file lives in a ``mosaic-*`` folder there, yours to delete when done),
+    ``valid`` [h, w] (patches with at least half of their pixels inside the scene valid, and some window
+    covering them),
     ``meta``: the scene's :func:`domains.raster_info` (CRS, transform of the *scene*), so
     ``domains.write_geotiff(path, values, like=meta, scale=16)`` writes it georeferenced."""
 
@@ -218,8 +250,7 @@ def scene_features(
 
     p = backbone.patch_size
     dev = torch.device(device) if device is not None else next(backbone.parameters()).device
-    info = domains.raster_info(path)
-    _, H, W = info["shape"]
+    check_windows(tile, overlap, batch_size, p)
     n_blocks = backbone.n_blocks
     bad = [i for i in (layers or []) if not -n_blocks <= i < n_blocks]
     if bad:
@@ -227,6 +258,13 @@ def scene_features(
     take = [i % n_blocks for i in layers] if layers else [n_blocks - 1]
     want = sorted(set(take))
     K = channels if channels is not None else backbone.embed_dim * len(take)
+    if not isinstance(K, int | np.integer) or K < 1:
+        raise ConfigError(f"channels must be a positive integer (what reduce returns per patch), got {channels!r}")
+    info = domains.raster_info(path)
+    _, H, W = info["shape"]
+    # a scene smaller than a tile is read as one window of its own size (rounded up to the patch size), not as
+    # a tile of mostly padding (which min_valid would skip, leaving an empty map)
+    tile_hw, overlap = window_shape(H, W, tile, overlap, p)
     mos = Mosaic(H, W, K, scale=p, overlap=overlap, memmap_dir=memmap_dir)
     n_win = 0
     was_training = backbone.training
@@ -234,9 +272,9 @@ def scene_features(
 
     def batches():  # runs in a reader thread: windowed reads + stretch + normalisation overlap the forward
         batch: list = []
-        for a, m in domains.iter_tiles(path, tile, overlap, bands=bands, stats=stats, stretch=stretch,
+        for a, m in domains.iter_tiles(path, tile_hw, overlap, bands=bands, stats=stats, stretch=stretch,
                                        min_valid=min_valid, align=p, progress=progress):  # fmt: skip
-            x = _normalise_tile(a, backbone, mean, std)  # [C, tile, tile]
+            x = _normalise_tile(a, backbone, mean, std)  # [C, th, tw]
             if not m["valid"].all():
                 x[:, torch.from_numpy(~m["valid"])] = 0.0  # nodata and beyond-the-edge pixels: the mean colour
             batch.append((x, m))
@@ -247,18 +285,28 @@ def scene_features(
             yield batch
 
     def run(batch: list[tuple[torch.Tensor, dict]]) -> None:
-        xb = torch.stack([x for x, _ in batch])  # [B, C, tile, tile]
+        xb = torch.stack([x for x, _ in batch])  # [B, C, th, tw]
         with torch.inference_mode(), autocast_for(dev, dtype):
             grids, _ = _forward(backbone, xb.to(dev), want)
             by_block = dict(zip(want, grids))
             feats = torch.cat([by_block[i] for i in take], dim=-1) if len(take) > 1 else by_block[take[0]]
             vals = feats if reduce is None else reduce(feats)  # [B, h, w, K]
+        if not isinstance(vals, torch.Tensor):
+            raise ConfigError(f"reduce must return a torch tensor [B, h, w, K], got {type(vals).__name__}")
         vals = vals.float().cpu().numpy()
-        if vals.shape[-1] != K:
-            raise ConfigError(f"reduce returned {vals.shape[-1]} channels, channels={K} was given")
+        if vals.shape != (*feats.shape[:3], K):
+            raise ConfigError(f"reduce returned shape {tuple(vals.shape)} for features {tuple(feats.shape)}; expected "
+                              f"[B, h, w, K] = {(*feats.shape[:3], K)} (channels={K})")  # fmt: skip
         for (_, m), v in zip(batch, vals):
             t = m["tile"]
-            pv = m["valid"].reshape(t.height // p, p, t.width // p, p).mean(axis=(1, 3)) >= 0.5  # [h, w]
+            hh, ww = t.height // p, t.width // p
+            n_ok = m["valid"].reshape(hh, p, ww, p).sum(axis=(1, 3))  # [h, w] valid pixels per patch
+            # pixels inside the scene per patch: the last patch row/column of a scene whose size is not a
+            # multiple of the patch size is judged on its own pixels, not on the padding beyond the edge
+            rows = np.clip(H - (t.y0 + p * np.arange(hh)), 0, p)  # [h]
+            cols = np.clip(W - (t.x0 + p * np.arange(ww)), 0, p)  # [w]
+            n_in = rows[:, None] * cols[None, :]  # [h, w]
+            pv = (n_in > 0) & (2 * n_ok >= n_in)  # at least half of the patch's scene pixels are valid
             mos.add(t, v.transpose(2, 0, 1), valid=pv)
 
     mean = torch.tensor(backbone.mean, dtype=torch.float32).view(-1, 1, 1)
@@ -272,7 +320,9 @@ def scene_features(
             run(batch)
     finally:
         backbone.train(was_training)
-    return SceneMap(values=mos.result(fill=np.nan), valid=mos.coverage(), meta=info, scale=p, windows=n_win)
+    # in place: no second full-size copy; with memmap_dir the values stay in their file (a np.memmap)
+    values = mos.result(fill=np.nan, in_place=True)
+    return SceneMap(values=values, valid=mos.coverage(), meta=info, scale=p, windows=n_win)
 
 
 def _normalise_tile(a: np.ndarray, backbone, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -327,7 +377,10 @@ def prefetch(iterable, depth: int = 2):
                 th.join(timeout=0.05)
 
 
-def windows_needed(h: int, w: int, tile: int = 512, overlap: int = 128) -> int:
+def windows_needed(h: int, w: int, tile: int = 512, overlap: int = 128, patch: int = 16) -> int:
     """How many windows :func:`dense_features` uses for an ``h x w`` input (for progress estimates)."""
-    return len(tile_grid(h, w, tile, overlap, edge="shift")) if h * w > 0 else 0
+    if h * w <= 0:
+        return 0
+    tile_hw, overlap = window_shape(h, w, tile, overlap, patch)
+    return len(tile_grid(h, w, tile_hw, overlap, edge="shift", align=patch))
 

@@ -131,10 +131,14 @@ def select_features(features: Any, layers: Sequence[int] | None = None) -> torch
             return features.patches.float()
         missing = [i for i in layers if i not in features.layers]
         if missing:
+            fix = (
+                "give non-negative block indices (-1 is block n_blocks - 1), or pass backbone= to fit_seg_head"
+                if any(i < 0 for i in missing)
+                else f"extract with dinoapp.extract(..., layers={list(layers)})"
+            )
             raise InputError(
                 f"the features hold blocks {sorted(features.layers)} but the head needs {list(layers)} "
-                f"(missing {missing}; indices are the non-negative keys of Features.layers): extract with "
-                f"dinoapp.extract(..., layers={list(layers)})"
+                f"(missing {missing}; indices are the non-negative keys of Features.layers): {fix}"
             )
         return torch.cat([features.layers[i].float() for i in layers], dim=-1)
     if isinstance(features, (list, tuple)):
@@ -617,8 +621,12 @@ class SegHead:
             sizes = [tuple(to_tensor(im).shape[-2:]) for im in seq]
         size = pre.get("size")
         size = tuple(size) if isinstance(size, list) else size
-        f = extract(backbone, images, layers=self.layers, size=size, policy=pre.get("policy", "resize"),
-                    batch_size=batch_size, device=device)  # fmt: skip
+        policy = pre.get("policy", "resize")
+        if size is None and len(set(sizes)) > 1 and not isinstance(images, torch.Tensor):
+            # trained at native sizes: each image at its own size (one batch cannot mix grids)
+            return [self.segment(backbone, [im], batch_size=batch_size, device=device)[0] for im in seq]
+        f = extract(backbone, images, layers=self.layers, size=size, policy=policy, batch_size=batch_size,
+                    device=device)  # fmt: skip
         x = select_features(f, self.layers)
         maps = [self.predict(x[i], sizes[i]) for i in range(x.shape[0])]
         return torch.stack(maps) if len(set(sizes)) == 1 else maps
@@ -649,7 +657,8 @@ class SegHead:
         df = dense_features(backbone, image, resolution=resolution, policy=policy, layers=self.layers or None,
                             max_tokens=max_tokens, tile=tile, overlap=overlap, batch_size=batch_size,
                             channels_first=channels_first, device=device)  # fmt: skip
-        x = torch.cat([df.layers[i] for i in self.layers], dim=-1) if self.layers else df.patches  # [h, w, C]
+        n = backbone.n_blocks
+        x = torch.cat([df.layers[i % n] for i in self.layers], dim=-1) if self.layers else df.patches  # [h, w, C]
         logits, _ = self.module.predict(x[None], None, patch_size=backbone.patch_size)  # [1, K, h*p, w*p]
         if policy == "pad":
             logits = logits[..., : df.image_size[0], : df.image_size[1]]
@@ -735,13 +744,21 @@ def fit_seg_head(
     K = int(n_classes)
     if K < 2:
         raise ConfigError(f"n_classes must be >= 2, got {n_classes}")
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise ConfigError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+    ints = all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in (epochs, batch_size))
+    if not ints or epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ConfigError(f"need integers epochs >= 1 and batch_size >= 1, and lr > 0; got {epochs!r}, "
+                          f"{batch_size!r}, {lr!r}")  # fmt: skip
     names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(K)]
     if len(names) != K:
         raise ConfigError(f"{len(names)} class names given for {K} classes")
     p = int(patch_size or getattr(backbone, "patch_size", 16))
     layer_list = [int(i) for i in layers] if layers else None
+    if layer_list and backbone is not None:  # -1 = the last block: Features.layers holds non-negative keys
+        n_blocks = backbone.n_blocks
+        bad = [i for i in layer_list if not -n_blocks <= i < n_blocks]
+        if bad:
+            raise InputError(f"layers {bad} out of range for a {n_blocks}-block backbone")
+        layer_list = [i % n_blocks for i in layer_list]
     if layer_list and isinstance(features, (list, tuple)) and len(features) != len(layer_list):
         raise InputError(f"{len(features)} per-layer feature maps given for layers {layer_list}")
     X = select_features(features, layer_list)  # [N, h, w, C]
@@ -753,6 +770,11 @@ def fit_seg_head(
         raise InputError(f"{T.shape[0]} masks for {N} feature maps")
     if float(Wt.sum()) == 0:
         raise InputError(f"the masks hold no labelled pixels (every pixel is ignore_index={ignore_index})")
+    if min(batch_size, N) * h * w < 2:  # BatchNorm needs 2 values per channel: no step could ever be taken
+        raise InputError(
+            f"a batch of {min(batch_size, N)} image(s) with a {h}x{w} patch grid has fewer than 2 "
+            "patches, too few to train on (BatchNorm): use more images per batch or larger inputs"
+        )
     cw = _class_weights(T, Wt, class_weights, K)  # [K]
     dev = torch.device(device) if device is not None else X.device
     # [N, C, h, w] as a channels-last view: BatchNorm and the 1x1 conv run 2-3x faster on CPU than on NCHW

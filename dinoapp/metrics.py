@@ -41,7 +41,10 @@ def require_sklearn(module: str = "sklearn") -> ModuleType:
 def _flat(a: Any, name: str) -> np.ndarray:
     if hasattr(a, "detach"):  # torch tensor
         a = a.detach().cpu().numpy()
-    arr = np.asarray(a)
+    try:
+        arr = np.asarray(a)
+    except ValueError:  # nested lists of different lengths
+        raise InputError(f"{name} must be a numeric array, got ragged nested lists") from None
     if arr.dtype == object:
         raise InputError(f"{name} must be a numeric array, got ragged or object data")
     return arr.reshape(-1)
@@ -124,8 +127,12 @@ def average_precision(y_true: Any, scores: Any, *, classes: Sequence[Any] | None
     s = scores.detach().cpu().numpy() if hasattr(scores, "detach") else np.asarray(scores, dtype=np.float64)
     if s.ndim == 2 and s.shape[1] == 1:
         s = s[:, 0]
-    if s.shape[0] != t.size or s.ndim not in (1, 2):
+    if s.ndim not in (1, 2) or s.shape[0] != t.size:
         raise InputError(f"scores must be [N] or [N, K] with N = {t.size} labels, got shape {tuple(s.shape)}")
+    if t.size == 0:
+        raise InputError("y_true and scores are empty")
+    if not np.isfinite(s).all():
+        raise InputError("scores contain NaN or infinite values")
     if s.ndim == 1 or (s.shape[1] == 2 and classes is None and set(np.unique(t).tolist()) <= {0, 1}):
         pos = s if s.ndim == 1 else s[:, 1]
         tb = t.astype(bool) if t.dtype == bool else t == 1
@@ -201,11 +208,22 @@ def classification_report(
 ) -> dict[str, Any]:
     """Accuracy, balanced accuracy, per-class precision/recall/F1/support (and AP from ``scores``).
 
-    Labels are class indices 0..K-1 (``n_classes`` defaults to max label + 1). ``scores`` [N, K]
-    (e.g. ``predict_proba``) adds one-vs-rest ``average_precision`` (macro).
+    Labels are class indices 0..K-1 (``n_classes`` defaults to max label + 1), or non-numeric labels
+    (e.g. the class names a classifier's ``predict`` returns): those are numbered in sorted order of the
+    labels that occur, which name the classes unless ``class_names`` is given. ``scores`` [N, K]
+    (e.g. ``predict_proba``) adds one-vs-rest ``average_precision`` (macro), column k = class k.
     """
     metrics = require_sklearn("sklearn.metrics")
     t, p = _pair(y_true, y_pred)
+    if t.dtype.kind not in "biuf" or p.dtype.kind not in "biuf":  # labels by name: number them
+        try:
+            labels, idx = np.unique(np.concatenate([t, p]), return_inverse=True)
+        except TypeError as err:
+            raise InputError(f"y_true and y_pred hold labels that cannot be compared ({err})") from None
+        t, p = idx[: t.size].astype(np.int64), idx[t.size :].astype(np.int64)
+        if class_names is None:
+            class_names = [str(v) for v in labels]
+        n_classes = len(labels) if n_classes is None else n_classes
     K = int(n_classes) if n_classes is not None else int(max(t.max(), p.max())) + 1
     names = _names(K, class_names)
     cm = confusion_matrix(t, p, K, ignore_index=None)

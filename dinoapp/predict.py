@@ -4,8 +4,9 @@
 bounded memory), blends the head's patch logits into one map at patch resolution, then writes
 
 - ``<out>_classes.tif``: the class map at the scene's full resolution (logits upsampled bilinearly,
-  strip by strip, so a 10000 x 10000 scene never holds K x 10^8 floats), uint8 with a colour table
-  and class names, on the scene's CRS and transform;
+  strip by strip, so a 10000 x 10000 scene never holds K x 10^8 floats), uint8 (nodata 255; uint16 with
+  nodata 65535 for heads of more than 255 classes) with a colour table and class names, on the
+  scene's CRS and transform;
 - ``<out>_probs.tif`` (optional): class probabilities at patch resolution (transform x 16).
 """
 
@@ -71,9 +72,10 @@ def segment_scene(
                                                  kind="probabilities", band_names=head.class_names, tags=provenance)
     # full-resolution classes, strip by strip: upsample a band of patch rows (+1 row halo each side)
     classes_path = out.with_name(out.name + "_classes.tif")
-    profile = {"driver": "GTiff", "width": W, "height": H, "count": 1, "dtype": "uint8", "crs": info["crs"],
-               "transform": info["transform"], "nodata": 255, "tiled": True, "blockxsize": 256, "blockysize": 256,
-               "compress": "deflate", "predictor": 2}  # fmt: skip
+    dtype, nodata = (np.uint8, 255) if K <= 255 else (np.uint16, 65535)  # nodata never collides with a class
+    profile = {"driver": "GTiff", "width": W, "height": H, "count": 1, "dtype": np.dtype(dtype).name,
+               "crs": info["crs"], "transform": info["transform"], "nodata": nodata, "tiled": True, "blockxsize": 256,
+               "blockysize": 256, "compress": "deflate", "predictor": 2}  # fmt: skip
     if info.get("gcps"):  # a scene placed by ground control points (SAR): same grid, same GCPs
         profile.update(crs=info.get("gcp_crs"), gcps=info["gcps"])
         profile.pop("transform")
@@ -88,9 +90,9 @@ def segment_scene(
             lg = torch.from_numpy(np.nan_to_num(np.asarray(vals[:, a0:a1]), nan=0.0))[None]  # [1, K, rows, w]
             up = F.interpolate(lg, size=((a1 - a0) * p, w * p), mode="bilinear", align_corners=False)[0]
             y0, y1 = (r0 - a0) * p, (r1 - a0) * p
-            cls = up[:, y0:y1].argmax(0).numpy().astype(np.uint8)  # [rows*p, w*p]
+            cls = up[:, y0:y1].argmax(0).numpy().astype(dtype)  # [rows*p, w*p]
             ok = np.repeat(np.repeat(valid[r0:r1], p, axis=0), p, axis=1)
-            cls[~ok] = 255
+            cls[~ok] = nodata
             rows = min(H, r1 * p) - r0 * p
             dst.write(cls[None, :rows, :W], window=Window(0, r0 * p, W, rows))
         dst.write_colormap(1, domains.geowrite.default_colormap(K))

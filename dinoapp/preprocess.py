@@ -47,14 +47,15 @@ def to_tensor(
         t = t.cpu()
     elif isinstance(image, np.ndarray):
         arr = image
-        if arr.dtype == bool:
+        is_bool = arr.dtype == bool
+        if is_bool:
             arr = arr.astype(np.uint8)
         if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
             raise InputError(f"unsupported image dtype {arr.dtype}")
         if not arr.dtype.isnative:  # big-endian rasters (e.g. some TIFF/DICOM) -> native byte order
             arr = arr.astype(arr.dtype.newbyteorder("="))
         was_int = np.issubdtype(arr.dtype, np.integer)
-        int_max = float(np.iinfo(arr.dtype).max) if was_int else 1.0
+        int_max = 1.0 if is_bool else float(np.iinfo(arr.dtype).max) if was_int else 1.0  # bool: True = 1, as torch
         arr = np.ascontiguousarray(arr)
         t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     else:
@@ -71,6 +72,8 @@ def to_tensor(
         raise InputError(f"expected a 2-D or 3-D image, got shape {tuple(t.shape)}")
     if t.shape[0] > 64:
         raise InputError(f"image has {t.shape[0]} channels: is the layout right? (pass channels_first=...)")
+    if t.shape[-2] == 0 or t.shape[-1] == 0:
+        raise InputError(f"the image is empty: {t.shape[-2]} x {t.shape[-1]} pixels")
     t = t.to(torch.float32)
     if value_range is not None:
         lo, hi = (float(v) for v in value_range)
@@ -184,5 +187,5 @@ def _match_channels(x: torch.Tensor, want: int) -> torch.Tensor:
         )
     raise InputError(
         f"the image has {c} channels and the backbone takes {want}: select bands, or load the backbone with "
-        f"in_chans={c}"
+        f"in_chans={c} (a small [C, H, W] array read as [H, W, C]? pass channels_first=True)"
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import colorsys
 import functools
 import importlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -61,7 +62,8 @@ def _require(module: str) -> ModuleType:
 
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        t = x.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
     return np.asarray(x)
 
 
@@ -271,7 +273,9 @@ def fit_pca(
             + (" foreground patches: check the masks (True = foreground)" if masks is not None else "")
         )
     pca = decomposition.PCA(n_components=int(n_components), random_state=seed)
-    pca.fit(x)
+    with warnings.catch_warnings():  # constant features (a blank region): 0/0 variance ratios, handled below
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        pca.fit(x)
     comps = pca.components_.astype(np.float32)  # [K, D]
     sign = np.sign(comps[np.arange(n_components), np.abs(comps).argmax(axis=1)])  # [K]
     comps *= np.where(sign == 0, 1.0, sign)[:, None].astype(np.float32)
@@ -366,6 +370,8 @@ def similarity_map(features: Any, query: Any, *, other: Any = None) -> np.ndarra
             raise InputError(
                 f"query must be a patch (row, col) tuple or a feature vector [{f.shape[-1]}], got shape {q.shape}"
             )
+        if not np.isfinite(q).all():
+            raise InputError("the query feature vector contains NaN or infinite values")
     # float32 (a megapixel image's 4096 patches in ~1 ms); the query patch itself is set to exactly 1
     t32 = target.astype(np.float32, copy=False)
     norms = np.sqrt(np.einsum("hwd,hwd->hw", t32, t32))  # [h2, w2]
@@ -450,7 +456,8 @@ def dense_matches(
     score = np.empty(len(A), dtype=np.float32)
     best_a = np.zeros(len(B), dtype=np.int64)  # B -> A argmax
     best_a_score = np.full(len(B), -np.inf, dtype=np.float32)
-    for s in range(0, len(A), max(1, int(chunk))):
+    chunk = max(1, int(chunk))
+    for s in range(0, len(A), chunk):
         S = A[s : s + chunk] @ B.T  # [n, Nb]
         best_b[s : s + len(S)] = S.argmax(axis=1)
         score[s : s + len(S)] = S.max(axis=1)
@@ -504,6 +511,8 @@ def kmeans_parts(
     x = _foreground_rows(prep, ms)  # [N, D]
     if len(x) < k:
         raise InputError(f"k-means with k={k} needs at least {k} (foreground) patches, got {len(x)}")
+    if max_samples is not None and max_samples < k:
+        raise InputError(f"max_samples={max_samples} is below k={k}: k-means needs at least k patches to fit")
     km = cluster.KMeans(n_clusters=int(k), n_init=4, random_state=seed)
     km.fit(_subsample(x, max_samples, seed))
     raw = km.predict(x)  # [N]
@@ -604,8 +613,9 @@ def _image_rgb_uint8(image: Any) -> np.ndarray:
     """An image (HxW, HxWxC with C in 1/3/4, or CxHxW with C in 1/3 from dinoapp/domains readers;
     uint8, other integers or float) -> uint8 RGB [H, W, 3].
 
-    Floats in [0, 1] are taken as they are; floats outside it (reflectance, HU) are stretched per
-    channel between their 2nd and 98th percentiles. Other integer types are divided by their maximum.
+    Floats in [0, 1] are taken as they are; floats and signed integers outside it (reflectance, HU as
+    stored in CT int16 pixels) are stretched per channel between their 2nd and 98th percentiles.
+    Unsigned integer types are divided by their maximum.
     RGBA drops alpha; grey is repeated to RGB.
     """
     a = _to_numpy(image)
@@ -627,10 +637,10 @@ def _image_rgb_uint8(image: Any) -> np.ndarray:
         out = a
     elif a.dtype == bool:
         out = a.astype(np.uint8) * 255
-    elif np.issubdtype(a.dtype, np.integer):
+    elif np.issubdtype(a.dtype, np.unsignedinteger):
         out = np.round(a.astype(np.float64) / np.iinfo(a.dtype).max * 255).clip(0, 255).astype(np.uint8)
-    elif np.issubdtype(a.dtype, np.floating):
-        f = np.nan_to_num(a.astype(np.float32))
+    elif np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.signedinteger):
+        f = np.nan_to_num(a.astype(np.float32))  # signed integers (CT HU, SAR dB): stretched like floats
         if f.size and (f.min() < 0.0 or f.max() > 1.0):
             lo = np.percentile(f, 2, axis=(0, 1), keepdims=True)
             hi = np.percentile(f, 98, axis=(0, 1), keepdims=True)
@@ -657,8 +667,9 @@ def overlay(
     """Blend a map onto an image -> uint8 RGB [H, W, 3]: ``(1 - alpha) * image + alpha * colours``.
 
     ``image``: HxW, HxWx{1,3,4} or CxHxW with C in {1, 3} (the domain readers' layout); uint8, other
-    integers (divided by their maximum) or float (taken as [0, 1]; floats outside it, e.g. reflectance
-    or HU, are stretched per channel between their 2nd and 98th percentiles).
+    unsigned integers (divided by their maximum), float or signed integers (floats in [0, 1] as they are;
+    values outside it, e.g. reflectance or HU, are stretched per channel between their 2nd and 98th
+    percentiles).
     ``heat``: a scalar map [h, w] (coloured with ``cmap`` between ``vmin``/``vmax``) or colours
     [h, w, 3] (float in [0, 1], e.g. :func:`pca_rgb`, or uint8, e.g. :func:`labels_to_rgb`), at patch
     or pixel resolution: it is resized to the image with :func:`upsample` (``mode``; use

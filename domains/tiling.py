@@ -200,10 +200,13 @@ class Mosaic:
         else:
             self._sum = np.zeros(shape, np.float32)
             self._w = np.zeros(shape[1:], np.float32)
+        self._finished = False
 
     def add(self, tile: Tile, values: np.ndarray, valid: np.ndarray | None = None) -> None:
         """Add one tile's output ``[C, tile.height / scale, tile.width / scale]`` (``valid``: bool of that size)."""
         s = self.scale
+        if self._finished:
+            raise RuntimeError("this mosaic was finished by result(in_place=True); start a new Mosaic")
         if tile.y0 % s or tile.x0 % s or tile.height % s or tile.width % s:
             raise GeoreferenceError(
                 f"tile at ({tile.y0}, {tile.x0}) of {tile.height} x {tile.width} px is not on the x{s} output grid; "
@@ -239,8 +242,22 @@ class Mosaic:
         """bool [H_out, W_out]: pixels that received a (valid) tile value."""
         return np.asarray(self._w) > 0
 
-    def result(self, fill: float = 0.0) -> np.ndarray:
-        """The blended ``float32 [C, H_out, W_out]``; uncovered pixels are ``fill``."""
+    def result(self, fill: float = 0.0, *, in_place: bool = False) -> np.ndarray:
+        """The blended ``float32 [C, H_out, W_out]``; uncovered pixels are ``fill``.
+
+        ``in_place=True`` blends into the accumulator itself, a block of rows at a time, and returns it:
+        no second full-size array, and with ``memmap_dir`` the result stays in its file (never all in RAM).
+        The mosaic is then finished: :meth:`add` is refused, :meth:`coverage` still works.
+        """
         w = np.asarray(self._w)
-        out = np.divide(self._sum, w, out=np.full(self._sum.shape, fill, np.float32), where=w > 0)
-        return out
+        if self._finished:
+            return self._sum
+        if not in_place:
+            return np.divide(self._sum, w, out=np.full(self._sum.shape, fill, np.float32), where=w > 0)
+        step = max(1, 2**22 // max(1, self.channels * self.out_w))  # rows per block: ~16 MB of float32
+        for r in range(0, self.out_h, step):
+            blk, ww = self._sum[:, r : r + step], w[r : r + step]  # views: [C, rows, W_out], [rows, W_out]
+            np.divide(blk, ww, out=blk, where=ww > 0)
+            blk[:, ww <= 0] = fill
+        self._finished = True
+        return self._sum
