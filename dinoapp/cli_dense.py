@@ -90,6 +90,12 @@ def _geo_like(meta: dict, df) -> tuple[dict, int]:
     return meta, df.input_size[0] // df.grid[0]
 
 
+def _unique_stems(files: list[Path]) -> dict[Path, str]:
+    """Output names per input: the file stem, with the parent folder prepended where stems repeat."""
+    stems = [p.stem for p in files]
+    return {p: (f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem) for p in files}
+
+
 def _bar(items, desc):
     from tqdm.auto import tqdm
 
@@ -302,19 +308,24 @@ def _predict(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = _inputs(args.inputs)
     if isinstance(head, heads.SegHead):
+        import domains
+
+        names = _unique_stems(files)
         for p in _bar(files, "predict"):
-            arr, meta = _read(p, bb, args)
-            if meta["reader"] == "geotiff":
+            if domains.reader_for(p)[0] == "geotiff":  # a scene: never read whole, window by window
                 opts = _load_opts(args)["geotiff"]
-                # the scene is read window by window with the bands _read chose (red, green, blue by number)
-                segment_scene(head, bb, p, out / p.stem, bands=opts.get("bands", meta.get("bands")),
-                              stats=opts.get("stats"), tile=args.tile, overlap=args.overlap)  # fmt: skip
+                bands = opts.get("bands")
+                if bands is None and domains.raster_info(p)["shape"][0] not in (1, bb.in_chans) and bb.in_chans == 3:
+                    bands = "rgb"  # a multispectral scene on an RGB backbone
+                segment_scene(head, bb, p, out / names[p], bands=bands, stats=opts.get("stats"), tile=args.tile,
+                              overlap=args.overlap)  # fmt: skip
                 continue
+            arr, _ = _read(p, bb, args)
             cls, _ = head.segment_large(bb, arr, policy="pad", tile=args.tile, overlap=args.overlap,
                                         max_tokens=args.max_tokens, channels_first=True)  # fmt: skip
             labels = cls.numpy().astype(np.uint8)
-            _save_png(out / f"{p.stem}_classes.png", labels)
-            _save_png(out / f"{p.stem}_classes_rgb.png", viz.labels_to_rgb(labels))
+            _save_png(out / f"{names[p]}_classes.png", labels)
+            _save_png(out / f"{names[p]}_classes_rgb.png", viz.labels_to_rgb(labels))
         print(f"wrote class maps of {len(files)} input(s) to {out}")
         return
     pre = getattr(head, "preprocessing", {}) or {}

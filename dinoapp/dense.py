@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -321,6 +323,12 @@ def scene_features(
     finally:
         backbone.train(was_training)
     # in place: no second full-size copy; with memmap_dir the values stay in their file (a np.memmap)
+    if n_win == 0:
+        warnings.warn(
+            f"{Path(str(path)).name}: no window had >= {min_valid:.0%} valid pixels (all nodata?); the map is empty",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     values = mos.result(fill=np.nan, in_place=True)
     return SceneMap(values=values, valid=mos.coverage(), meta=info, scale=p, windows=n_win)
 

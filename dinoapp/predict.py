@@ -37,12 +37,18 @@ def segment_scene(
     overlap: int = 64,
     batch_size: int = 4,
     probabilities: bool = True,
+    pixel_nodata: bool = True,
     strip_rows: int = 64,
     memmap_dir: str | os.PathLike | None = None,
     progress: bool = True,
     tags: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Segment the raster at ``path``; returns the written files ``{"classes": ..., "probs": ...}``."""
+    """Segment the raster at ``path``; returns the written files ``{"classes": ..., "probs": ...}``.
+
+    Patches with too few valid pixels get no class (nodata); with ``pixel_nodata`` (default) the
+    scene's own nodata / mask pixels inside valid patches are nodata in the class map too (the mask is
+    read again strip by strip, so memory stays bounded).
+    """
     import rasterio
     from rasterio.windows import Window
 
@@ -94,7 +100,11 @@ def segment_scene(
             ok = np.repeat(np.repeat(valid[r0:r1], p, axis=0), p, axis=1)
             cls[~ok] = nodata
             rows = min(H, r1 * p) - r0 * p
-            dst.write(cls[None, :rows, :W], window=Window(0, r0 * p, W, rows))
+            cls = cls[:rows, :W]
+            if pixel_nodata:  # nodata pixels inside valid patches get no class either (this strip's mask only)
+                _, m = domains.read_geotiff(path, bands=bands, window=(0, r0 * p, W, rows), stretch="none")
+                cls[~m["valid"]] = nodata
+            dst.write(cls[None], window=Window(0, r0 * p, W, rows))
         dst.write_colormap(1, domains.geowrite.default_colormap(K))
         for i, name in enumerate(head.class_names):
             dst.update_tags(**{f"DINOAPP_CLASS_{i}": name})

@@ -73,3 +73,39 @@ def test_segment_scene_writes_georeferenced_maps(bb, head, tmp_path):
     other = dinoapp.load_backbone("vit_tiny", depth=2, seed=3)
     with pytest.raises(dinoapp.errors.HeadBackboneMismatchError):
         segment_scene(head, other, p, tmp_path / "x", progress=False)
+
+
+def test_scene_nodata_pixels_stay_nodata_and_empty_scene_warns(bb, head, tmp_path):
+    from tests.geo_factory import make_geotiff
+
+    img, _ = _scene(160, 160, seed=7)
+    data = img.transpose(2, 0, 1).copy()
+    data[:, 50:53, 70:90] = 0  # a few nodata pixels inside otherwise valid patches
+    p = make_geotiff(tmp_path / "holes.tif", data, nodata=0)
+    out = segment_scene(head, bb, p, tmp_path / "holes", tile=128, overlap=32, probabilities=False, progress=False)
+    with rasterio.open(out["classes"]) as dst:
+        cls = dst.read(1)
+    hole = np.zeros((160, 160), bool)
+    hole[50:53, 70:90] = True
+    assert (cls[hole] == 255).all() and (cls[~hole] != 255).all()
+
+    empty = make_geotiff(tmp_path / "empty.tif", np.zeros((3, 64, 64), np.uint8), nodata=0)
+    with pytest.warns(RuntimeWarning, match="no window"):
+        sm = dinoapp.scene_features(bb, empty, tile=64, overlap=0, progress=False)
+    assert sm.windows == 0 and not sm.valid.any()
+
+
+def test_predict_cli_keeps_outputs_of_same_named_inputs_apart(bb, head, tmp_path):
+    from PIL import Image
+
+    from dinoapp.cli import main
+
+    dinoapp.save_backbone(bb, tmp_path / "bb.safetensors")
+    dinoapp.save_head(head, tmp_path / "head.safetensors", bb)
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(_scene(64, 64, seed=ord(sub))[0]).save(tmp_path / sub / "img.png")
+    assert main(["predict", str(tmp_path / "a" / "img.png"), str(tmp_path / "b" / "img.png"), "--head",
+                 str(tmp_path / "head.safetensors"), "--backbone", str(tmp_path / "bb.safetensors"), "--out",
+                 str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "a_img_classes.png").exists() and (tmp_path / "out" / "b_img_classes.png").exists()
