@@ -22,6 +22,7 @@ from .errors import (
     NoPixelDataError,
     NoValidPixelsError,
     OptionError,
+    OptionValueError,
     SeriesError,
     UnreadableFileError,
     UnsupportedFormatError,
@@ -40,7 +41,8 @@ from .tiling import Mosaic, Tile, iter_tiles, tile_grid
 __all__ = [
     "BandSelectionError", "BandStats", "DomainError", "DomainWarning", "FileError", "FolderDataset",
     "GeoreferenceError", "MissingCodecError", "MissingDependencyError", "MissingFileError", "Mosaic",
-    "NoPixelDataError", "NoValidPixelsError", "OptionError", "SeriesError", "Tile", "UnreadableFileError",
+    "NoPixelDataError", "NoValidPixelsError", "OptionError", "OptionValueError", "SeriesError", "Tile",
+    "UnreadableFileError",
     "UnsupportedFormatError", "compute_band_stats", "find_files", "grid_transform", "iter_tiles", "load",
     "raster_info", "read_geotiff", "read_image", "reader_for", "resolve_bands", "scaled_transform", "sniff",
     "tile_grid", "write_geotiff", "WindowError", "FrameIndexError", "WINDOW_PRESETS", "read_dicom",

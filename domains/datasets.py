@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DomainError, MissingFileError, NoValidPixelsError, OptionError, WindowError
+from .errors import DomainError, MissingFileError, NoValidPixelsError, OptionError, OptionValueError, WindowError
 
 log = logging.getLogger("domains.datasets")
 
@@ -95,7 +95,7 @@ class FolderDataset:
         **load_options: Any,
     ) -> None:
         if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+            raise OptionValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if isinstance(root, str | os.PathLike):
             self.files = find_files(root, recursive=recursive)
         else:
@@ -146,7 +146,7 @@ class FolderDataset:
             return None
         try:
             return self.read(j)
-        except OptionError:
+        except (OptionError, OptionValueError):
             raise  # a configuration error, the same for every file of this type
         except (DomainError, OSError, ValueError) as err:
             if self.on_error == "raise":

@@ -73,5 +73,9 @@ class DomainWarning(UserWarning):
     """Something was read, but with a caveat the user should know (mixed slice sizes, ...)."""
 
 
+class OptionValueError(DomainError, ValueError):
+    """An option has a value the function cannot use (an unknown stretch, edge mode, blend, kind, ...)."""
+
+
 class OptionError(DomainError, TypeError):
     """An option was passed that the reader chosen for this file does not take."""

@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._deps import require
-from .errors import BandSelectionError, NoValidPixelsError, UnreadableFileError, UnsupportedFormatError, WindowError
+from .errors import (
+    BandSelectionError,
+    NoValidPixelsError,
+    OptionValueError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+    WindowError,
+)
 from .sniff import check_file, has_tiff_magic
 
 if TYPE_CHECKING:
@@ -245,9 +252,9 @@ def read_geotiff(
         if isinstance(stretch, BandStats):
             stats, stretch = stretch, "auto"
         if not isinstance(stretch, str) or stretch not in STRETCHES:
-            raise ValueError(f"stretch must be one of {STRETCHES} or a BandStats, got {stretch!r}")
+            raise OptionValueError(f"stretch must be one of {STRETCHES} or a BandStats, got {stretch!r}")
         if stats is not None and stretch not in ("auto",):
-            raise ValueError(f"stats= and stretch={stretch!r} both given; pass one")
+            raise OptionValueError(f"stats= and stretch={stretch!r} both given; pass one")
         win = to_window(window)
         out_shape = _check_out_shape(out_shape)
         raw, valid, win = _read_masked(src, idx, win, out_shape, name)
@@ -425,7 +432,7 @@ def _linear_map(raw, valid, method, dtype, tag_a, tag_b, has_tags, stats, percen
         lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)  # a negative scale tag flips the order
         info = {"method": "percentile", "percentiles": list(percentiles), "low": lo.tolist(), "high": hi.tolist()}
     else:  # pragma: no cover - validated by read_geotiff
-        raise ValueError(f"unknown stretch {method!r}")
+        raise OptionValueError(f"unknown stretch {method!r}")
     span = np.maximum(hi - lo, 1e-12)
     return tag_a / span, (tag_b - lo) / span, True, info, (0.0, 1.0)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._deps import require
-from .errors import GeoreferenceError
+from .errors import GeoreferenceError, OptionValueError
 
 KINDS = ("auto", "classes", "probabilities", "rgb", "float")
 
@@ -93,9 +93,9 @@ def write_geotiff(
     if arr.ndim != 3 or arr.shape[1] == 0 or arr.shape[2] == 0:
         raise GeoreferenceError(f"expected an array [H, W] or [C, H, W], got shape {np.shape(array)}")
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise OptionValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if arr.dtype.kind == "c":
-        raise ValueError("complex output: write its amplitude (np.abs) or phase (np.angle) instead")
+        raise OptionValueError("complex output: write its amplitude (np.abs) or phase (np.angle) instead")
     if kind == "auto":
         if arr.dtype.kind in "ui" or arr.dtype == bool:
             kind = "rgb" if arr.shape[0] == 3 and arr.dtype == np.uint8 else "classes" if arr.shape[0] == 1 else "float"
@@ -103,21 +103,21 @@ def write_geotiff(
             kind = "float"
     if kind == "classes":
         if arr.shape[0] != 1:
-            raise ValueError(f"a class map has one band, got {arr.shape[0]}")
+            raise OptionValueError(f"a class map has one band, got {arr.shape[0]}")
         arr, nodata = _class_labels(arr, nodata)
     elif kind == "rgb":
         if arr.shape[0] != 3:
-            raise ValueError(f"kind='rgb' needs 3 bands, got {arr.shape[0]}")
+            raise OptionValueError(f"kind='rgb' needs 3 bands, got {arr.shape[0]}")
         if arr.dtype.kind == "f":
             arr = (np.clip(np.nan_to_num(arr), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         elif arr.dtype != bool and arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
-            raise ValueError(
+            raise OptionValueError(
                 f"kind='rgb' takes uint8 colours 0..255 or floats in [0, 1]; got integers in "
                 f"[{int(arr.min())}, {int(arr.max())}]: scale them first (e.g. arr / 65535 for 16-bit)"
             )
         arr = arr.astype(np.uint8)
         if nodata is not None and not (_is_integer(nodata) and 0 <= nodata <= 255):
-            raise ValueError(f"nodata={nodata!r} does not fit an RGB (uint8) file; use an integer 0..255 or None")
+            raise OptionValueError(f"nodata={nodata!r} does not fit an RGB (uint8) file; use an integer 0..255 or None")
     else:
         arr = arr.astype(np.float32)
         nan = np.isnan(arr)
@@ -195,19 +195,19 @@ def _is_integer(v: Any) -> bool:
 def _class_labels(arr: np.ndarray, nodata) -> tuple[np.ndarray, int | None]:
     """Integer labels [1, H, W] in the smallest GDAL type that holds them and ``nodata`` (NaN -> nodata)."""
     if nodata is not None and not _is_integer(nodata):
-        raise ValueError(f"nodata={nodata!r}: a class map's nodata must be an integer label (e.g. 255)")
+        raise OptionValueError(f"nodata={nodata!r}: a class map's nodata must be an integer label (e.g. 255)")
     nodata = None if nodata is None else int(nodata)
     if arr.dtype.kind == "f":
         nan = np.isnan(arr)
         labels = arr[~nan]
         if not np.isfinite(labels).all() or not np.array_equal(labels, np.round(labels)):
-            raise ValueError("kind='classes' needs integer labels; got non-integer floats")
+            raise OptionValueError("kind='classes' needs integer labels; got non-integer floats")
         if nan.any():
             if nodata is None:  # the type's maximum, when no label uses it
                 top = int(labels.max()) if labels.size else 0
                 nodata = 255 if top < 255 else 65535 if top < 65535 else None
                 if nodata is None:
-                    raise ValueError("NaN labels need a nodata value; pass nodata= (an unused label)")
+                    raise OptionValueError("NaN labels need a nodata value; pass nodata= (an unused label)")
             arr = np.where(nan, nodata, arr)
     arr = arr.astype(np.int64) if arr.dtype.kind in "fb" else arr
     lo = int(arr.min()) if arr.size else 0
@@ -218,7 +218,7 @@ def _class_labels(arr: np.ndarray, nodata) -> tuple[np.ndarray, int | None]:
         info = np.iinfo(dt)
         if info.min <= lo and hi <= info.max:
             return arr.astype(dt), nodata
-    raise ValueError(f"class labels (and nodata) span [{lo}, {hi}], beyond what a GeoTIFF integer band holds")
+    raise OptionValueError(f"class labels (and nodata) span [{lo}, {hi}], beyond what a GeoTIFF integer band holds")
 
 
 def _write(rasterio, tmp: Path, arr, profile, kind, band_names, colormap, class_names, tags, like, overviews) -> None:
@@ -240,7 +240,7 @@ def _write(rasterio, tmp: Path, arr, profile, kind, band_names, colormap, class_
                 cmap = dict(colormap) if colormap is not None else default_colormap(int(arr.max()) + 1)
                 dst.write_colormap(1, {int(k): tuple(int(c) for c in v)[:4] for k, v in cmap.items()})
             elif kind == "classes" and colormap is not None:
-                raise ValueError(
+                raise OptionValueError(
                     f"a colour table needs labels 0..65535 (uint8/uint16), these are stored as {arr.dtype}"
                 )
             all_tags = {

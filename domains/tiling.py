@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GeoreferenceError, NoValidPixelsError
+from .errors import GeoreferenceError, NoValidPixelsError, OptionValueError
 
 EDGES = ("shift", "pad", "drop")
 BLENDS = ("linear", "cosine", "mean")
@@ -73,16 +73,16 @@ def tile_grid(
     """
     th, tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
     if edge not in EDGES:
-        raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
+        raise OptionValueError(f"edge must be one of {EDGES}, got {edge!r}")
     for name, v in (("tile height", th), ("tile width", tw), ("overlap", overlap)):
         if v % align:
-            raise ValueError(
+            raise OptionValueError(
                 f"{name} {v} is not a multiple of {align} (the patch size); use e.g. {max(align, v - v % align)}"
             )
     if overlap < 0 or overlap >= min(th, tw):
-        raise ValueError(f"overlap must be in [0, tile) pixels, got {overlap} for a {th} x {tw} tile")
+        raise OptionValueError(f"overlap must be in [0, tile) pixels, got {overlap} for a {th} x {tw} tile")
     if height <= 0 or width <= 0:
-        raise ValueError(f"scene size must be positive, got {height} x {width}")
+        raise OptionValueError(f"scene size must be positive, got {height} x {width}")
     ys = _offsets(height, th, th - overlap, edge, align)
     xs = _offsets(width, tw, tw - overlap, edge, align)
     return [
@@ -183,7 +183,7 @@ class Mosaic:
         memmap_dir: str | os.PathLike | None = None,
     ) -> None:
         if blend not in BLENDS:
-            raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+            raise OptionValueError(f"blend must be one of {BLENDS}, got {blend!r}")
         if int(scale) < 1 or int(height) < 1 or int(width) < 1 or int(channels) < 1:
             raise GeoreferenceError(
                 f"a mosaic needs a positive size, channel count and scale, got {height} x {width} px, "

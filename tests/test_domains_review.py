@@ -533,3 +533,24 @@ def test_folder_dataset_records_a_bad_file_once(mixed_folder):
         assert len(list(ds)) == 2
         ds[0]  # broken.png: replaced by the next file
     assert [e.path.split("/")[-1] for e in ds.errors] == ["broken.png"]
+
+
+def test_bad_option_values_are_domain_errors_and_never_skipped_as_bad_files(tmp_path):
+    import shutil
+
+    from domains import samples
+    from domains.errors import DomainError, OptionValueError
+
+    for call in (
+        lambda: domains.read_geotiff(samples.path("aerial"), stretch="log"),
+        lambda: domains.tile_grid(100, 100, 64, 16, edge="wrap"),
+        lambda: domains.Mosaic(10, 10, 1, blend="max"),
+        lambda: domains.write_geotiff(tmp_path / "x.tif", np.zeros((4, 4)), kind="mask"),
+    ):
+        with pytest.raises(OptionValueError) as e:
+            call()
+        assert isinstance(e.value, DomainError) and isinstance(e.value, ValueError)
+    shutil.copy(samples.path("aerial"), tmp_path / "a.tif")
+    ds = domains.FolderDataset(tmp_path, geotiff={"stretch": "log"})
+    with pytest.raises(OptionValueError):  # a configuration error, not a bad file to skip
+        ds[0]
