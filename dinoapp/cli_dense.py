@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, InputError
+from .extract import block_indices
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp", ".webp", ".jp2", "")
 
@@ -234,11 +235,10 @@ def _fit_head(args) -> None:
                           f"{' '.join(args.layers)}") from None  # fmt: skip
     bb = _backbone(args)
     size = (args.size, args.size) if args.size else None
-    n = bb.n_blocks
     if layers == ["auto"]:
-        layers = heads.evenly_spaced_layers(n)
-    elif layers:
-        layers = [i % n if -n <= i < n else i for i in layers]  # -1 = the last block (out of range: extract says so)
+        layers = heads.evenly_spaced_layers(bb.n_blocks)
+    else:
+        layers = block_indices(layers, bb.n_blocks) or None  # -1 = the last block
     if args.masks:
         if not args.images:
             raise ConfigError("--masks needs --images (the folder of images the masks belong to)")

@@ -24,8 +24,8 @@ import torch
 
 from domains import Mosaic, tile_grid
 
-from .errors import ConfigError, InputError
-from .extract import autocast_for
+from .errors import ConfigError
+from .extract import autocast_for, block_indices
 from .preprocess import preprocess, to_tensor
 
 
@@ -130,13 +130,11 @@ def dense_features(
     p = backbone.patch_size
     dev = torch.device(device) if device is not None else next(backbone.parameters()).device
     n_blocks = backbone.n_blocks
-    bad = [i for i in (layers or []) if not -n_blocks <= i < n_blocks]
-    if bad:
-        raise InputError(f"layers {bad} out of range for a {n_blocks}-block backbone")
+    keep = block_indices(layers, n_blocks)
     if policy not in ("resize", "pad"):
         raise ConfigError(f"policy must be 'resize' or 'pad' for dense features, got {policy!r}")
     check_windows(tile, overlap, batch_size, p)
-    want = sorted({i % n_blocks for i in (layers or [])} | {n_blocks - 1})
+    want = sorted(set(keep) | {n_blocks - 1})
     img = to_tensor(image, channels_first=channels_first, value_range=value_range)  # [C, H, W] in [0, 1]
     H, W = img.shape[-2:]
     size = input_size_for(H, W, resolution, p, policy)
@@ -157,14 +155,9 @@ def dense_features(
     # ordinary tensors, not inference-mode ones: callers normalise them in place or train heads on them
     out = {b: t.clone() if t.is_inference() else t for b, t in out.items()}
     cls_v = cls_v.clone() if cls_v.is_inference() else cls_v
-    last = out.pop(n_blocks - 1)
-    keep = {i % n_blocks for i in (layers or [])}
-    lay = dict(out)
-    if (n_blocks - 1) in keep:
-        lay[n_blocks - 1] = last
     return DenseFeatures(
-        patches=last, cls=cls_v, layers=dict(sorted(lay.items())), image_size=(int(H), int(W)),
-        input_size=size, windows=n_win,
+        patches=out[n_blocks - 1], cls=cls_v, layers={b: out[b] for b in sorted(set(keep))},
+        image_size=(int(H), int(W)), input_size=size, windows=n_win,
     )
 
 
@@ -253,11 +246,7 @@ def scene_features(
     p = backbone.patch_size
     dev = torch.device(device) if device is not None else next(backbone.parameters()).device
     check_windows(tile, overlap, batch_size, p)
-    n_blocks = backbone.n_blocks
-    bad = [i for i in (layers or []) if not -n_blocks <= i < n_blocks]
-    if bad:
-        raise InputError(f"layers {bad} out of range for a {n_blocks}-block backbone")
-    take = [i % n_blocks for i in layers] if layers else [n_blocks - 1]
+    take = block_indices(layers, backbone.n_blocks) or [backbone.n_blocks - 1]
     want = sorted(set(take))
     K = channels if channels is not None else backbone.embed_dim * len(take)
     if not isinstance(K, int | np.integer) or K < 1:
@@ -269,6 +258,8 @@ def scene_features(
     tile_hw, overlap = window_shape(H, W, tile, overlap, p)
     mos = Mosaic(H, W, K, scale=p, overlap=overlap, memmap_dir=memmap_dir)
     n_win = 0
+    mean = torch.tensor(backbone.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(backbone.std, dtype=torch.float32).view(-1, 1, 1)
     was_training = backbone.training
     backbone.eval()
 
@@ -311,8 +302,6 @@ def scene_features(
             pv = (n_in > 0) & (2 * n_ok >= n_in)  # at least half of the patch's scene pixels are valid
             mos.add(t, v.transpose(2, 0, 1), valid=pv)
 
-    mean = torch.tensor(backbone.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(backbone.std, dtype=torch.float32).view(-1, 1, 1)
     # On a GPU the reader thread hides IO behind the forward; on a CPU the forward already uses every core
     # and a competing thread slows torch's parallel regions more than it saves (measured: 0.77x vs 0.85x).
     source = prefetch(batches(), depth=2) if dev.type != "cpu" else batches()
@@ -322,13 +311,13 @@ def scene_features(
             run(batch)
     finally:
         backbone.train(was_training)
-    # in place: no second full-size copy; with memmap_dir the values stay in their file (a np.memmap)
     if n_win == 0:
         warnings.warn(
             f"{Path(str(path)).name}: no window had >= {min_valid:.0%} valid pixels (all nodata?); the map is empty",
             RuntimeWarning,
             stacklevel=2,
         )
+    # in place: no second full-size copy; with memmap_dir the values stay in their file (a np.memmap)
     values = mos.result(fill=np.nan, in_place=True)
     return SceneMap(values=values, valid=mos.coverage(), meta=info, scale=p, windows=n_win)
 

@@ -74,6 +74,15 @@ def _n_images(images: Any) -> int | None:
         return None
 
 
+def block_indices(layers: Sequence[int] | None, n_blocks: int) -> list[int]:
+    """Block indices as non-negative ints, in the given order (-1 = the last block); raises :class:`InputError`
+    for any outside ``[-n_blocks, n_blocks)``. ``None`` / empty -> ``[]``."""
+    bad = [i for i in (layers or []) if not -n_blocks <= i < n_blocks]
+    if bad:
+        raise InputError(f"layers {bad} out of range for a {n_blocks}-block backbone")
+    return [int(i) % n_blocks for i in (layers or [])]
+
+
 def extract(
     backbone,
     images: Any,
@@ -102,10 +111,7 @@ def extract(
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     dev = torch.device(device) if device is not None else next(backbone.parameters()).device
     n_blocks = backbone.n_blocks
-    want = sorted({i % n_blocks for i in (layers or [])} | {n_blocks - 1})
-    bad = [i for i in (layers or []) if not -n_blocks <= i < n_blocks]
-    if bad:
-        raise InputError(f"layers {bad} out of range for a {n_blocks}-block backbone")
+    want = sorted(set(block_indices(layers, n_blocks)) | {n_blocks - 1})
     was_training = backbone.training
     backbone.eval()
     out: dict[str, list[torch.Tensor]] = {"cls": [], "reg": [], "patch": []}

@@ -49,6 +49,7 @@ from .errors import (
     SourceNotFoundError,
     UnsupportedFormatError,
 )
+from .extract import block_indices
 from .identity import backbone_identity
 from .metrics import IGNORE_INDEX, require_sklearn
 
@@ -754,11 +755,7 @@ def fit_seg_head(
     p = int(patch_size or getattr(backbone, "patch_size", 16))
     layer_list = [int(i) for i in layers] if layers else None
     if layer_list and backbone is not None:  # -1 = the last block: Features.layers holds non-negative keys
-        n_blocks = backbone.n_blocks
-        bad = [i for i in layer_list if not -n_blocks <= i < n_blocks]
-        if bad:
-            raise InputError(f"layers {bad} out of range for a {n_blocks}-block backbone")
-        layer_list = [i % n_blocks for i in layer_list]
+        layer_list = block_indices(layer_list, backbone.n_blocks)
     if layer_list and isinstance(features, (list, tuple)) and len(features) != len(layer_list):
         raise InputError(f"{len(features)} per-layer feature maps given for layers {layer_list}")
     X = select_features(features, layer_list)  # [N, h, w, C]
