@@ -32,10 +32,23 @@ def _backbone(args):
     return load_backbone(args.backbone, device=args.device)
 
 
-def _load_opts(args) -> dict[str, Any]:
+def _load_opts(args, path: Path | None = None, bb=None) -> dict[str, Any]:
+    """``domains.load`` option groups from the CLI flags. Given ``path`` and ``bb``: a GeoTIFF with more bands
+    than an RGB backbone takes and no ``--bands`` gets ``bands="rgb"`` (decided from its header, no pixels read;
+    a grey raster is repeated to RGB as it is)."""
+    import domains
+
     geo: dict[str, Any] = {}
     if args.bands:
         geo["bands"] = "rgb" if args.bands == ["rgb"] else [int(b) if b.isdigit() else b for b in args.bands]
+    elif (
+        path is not None
+        and bb is not None
+        and bb.in_chans == 3
+        and domains.reader_for(path)[0] == "geotiff"
+        and domains.raster_info(path)["shape"][0] > bb.in_chans
+    ):
+        geo["bands"] = "rgb"
     if args.stats:
         geo["stats"] = args.stats
     opts: dict[str, Any] = {"geotiff": geo}
@@ -48,11 +61,7 @@ def _read(path: Path, bb, args) -> tuple[np.ndarray, dict]:
     """An input as float32 [C, H, W] matching the backbone's channels (RGB picked from multiband rasters)."""
     import domains
 
-    arr, meta = domains.load(path, **_load_opts(args))
-    # more bands than an RGB backbone takes: pick red, green, blue (a grey raster is repeated to RGB as it is)
-    if meta["reader"] == "geotiff" and arr.shape[0] > bb.in_chans and bb.in_chans == 3 and not args.bands:
-        arr, meta = domains.load(path, geotiff={"bands": "rgb", **_load_opts(args)["geotiff"]})
-    return arr, meta
+    return domains.load(path, **_load_opts(args, path, bb))
 
 
 def _inputs(paths: list[str]) -> list[Path]:
@@ -313,12 +322,9 @@ def _predict(args) -> None:
         names = _unique_stems(files)
         for p in _bar(files, "predict"):
             if domains.reader_for(p)[0] == "geotiff":  # a scene: never read whole, window by window
-                opts = _load_opts(args)["geotiff"]
-                bands = opts.get("bands")
-                if bands is None and domains.raster_info(p)["shape"][0] not in (1, bb.in_chans) and bb.in_chans == 3:
-                    bands = "rgb"  # a multispectral scene on an RGB backbone
-                segment_scene(head, bb, p, out / names[p], bands=bands, stats=opts.get("stats"), tile=args.tile,
-                              overlap=args.overlap)  # fmt: skip
+                opts = _load_opts(args, p, bb)["geotiff"]
+                segment_scene(head, bb, p, out / names[p], bands=opts.get("bands"), stats=opts.get("stats"),
+                              tile=args.tile, overlap=args.overlap)  # fmt: skip
                 continue
             arr, _ = _read(p, bb, args)
             cls, _ = head.segment_large(bb, arr, policy="pad", tile=args.tile, overlap=args.overlap,
