@@ -160,14 +160,19 @@ def _patch_index(rc: Any, grid: tuple[int, int], name: str = "patch") -> tuple[i
     return r, c
 
 
-def _grid(grid_shape: Sequence[int]) -> tuple[int, int]:
+def _pair(value: Sequence[int], name: str, form: str) -> tuple[int, int]:
+    """Two positive ints from ``value``, or an :class:`InputError` saying ``name`` must be ``form``."""
     try:
-        h, w = (int(v) for v in grid_shape)
+        h, w = (int(v) for v in value)
     except (TypeError, ValueError) as err:
-        raise InputError(f"grid_shape must be (rows, cols) of the patch grid, got {grid_shape!r}") from err
+        raise InputError(f"{name} must be {form}, got {value!r}") from err
     if h < 1 or w < 1:
-        raise InputError(f"grid_shape must be positive, got {grid_shape!r}")
+        raise InputError(f"{name} must be positive, got {value!r}")
     return h, w
+
+
+def _grid(grid_shape: Sequence[int]) -> tuple[int, int]:
+    return _pair(grid_shape, "grid_shape", "(rows, cols) of the patch grid")
 
 
 # ------------------------------------------------------------------------------------------- PCA
@@ -549,12 +554,7 @@ def upsample(map_: Any, size: Sequence[int], *, mode: str = "bilinear") -> np.nd
     a = _to_numpy(map_)
     if a.ndim not in (2, 3):
         raise InputError(f"map must be [h, w] or [h, w, C], got shape {a.shape}")
-    try:
-        H, W = (int(v) for v in size)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"size must be (height, width), got {size!r}") from err
-    if H < 1 or W < 1:
-        raise InputError(f"size must be positive, got {size!r}")
+    H, W = _pair(size, "size", "(height, width)")
     h, w = a.shape[:2]
     if mode == "nearest":
         rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
