@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a lent CUDA machine: the gpu-marked tests (extraction, dense windows, scenes with the
-# reader thread, bf16 autocast) and the extraction benchmark on CUDA.
+# reader thread, bf16 autocast, SSL losses/fused AdamW), the extraction benchmark and the pretraining step
+# loop on CUDA. Budget: under 4 minutes on one H100.
 # Usage (repo root, torch/timm already importable): bash benchmarks/gpu_smoke.sh
 set -euo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -8,3 +9,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -m pytest -q -m gpu tests
 python benchmarks/extract.py --device cuda --batch 64 --sizes 224 512 --repeats 10
 python benchmarks/extract.py --device cuda --arch vitl16 --batch 32 --sizes 224 512 --repeats 5
+# Pretraining step loop (bf16 autocast, fused AdamW): ViT-S and ViT-L, spec crops, img/s, peak memory, MFU.
+python benchmarks/train_step.py --device cuda --models vits16 vitl16 --batch 32 --global-size 224 --local-size 96 \
+    --n-local 8 --prototypes 65536 --steps 8 --warmup 3
+python benchmarks/train_step.py --device cuda --models vits16 --batch 64 --global-size 224 --local-size 96 \
+    --n-local 8 --prototypes 65536 --steps 8 --warmup 4 --compile

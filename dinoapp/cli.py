@@ -1,5 +1,6 @@
 """Command line: ``dinoapp info|convert|archs`` (backbones) and ``dinoapp extract|pca|similarity|fit-head|predict``
-(dense features, maps and heads; see :mod:`dinoapp.cli_dense`)."""
+(dense features, maps and heads; see :mod:`dinoapp.cli_dense`) and ``dinoapp pretrain``
+(:mod:`dinoapp.cli_train`)."""
 
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("archs", help="list the known architectures")
     p.set_defaults(func=_archs)
     from .cli_dense import add_parsers
+    from .cli_train import add_parsers as add_train_parsers
 
     add_parsers(sub)
+    add_train_parsers(sub)
     args = parser.parse_args(argv)
     from domains.errors import DomainError
 

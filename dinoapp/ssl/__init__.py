@@ -1,0 +1,1 @@
+"""Self-supervised (continued) pretraining: DINO + iBOT + KoLeo (DINOv3 spec, section 2)."""

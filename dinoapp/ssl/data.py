@@ -1,0 +1,178 @@
+"""The pretraining data stream: which images each step sees, how they are read and cropped, how they are batched.
+
+The order is an infinite stream of per-epoch permutations, addressed by the step (:func:`batch_plan`),
+so resuming needs only the step number and every rank reads its own contiguous slice of the global
+batch (:class:`StepBatchSampler`). Each item is keyed by ``(epoch, index)`` and its crops are a
+pure function of ``(seed, epoch, index)`` (:class:`SSLDataset`), so results do not depend on the
+number of DataLoader workers or processes. Files come from a ``domains.FolderDataset``, which skips
+unreadable files (it returns the next readable one), so one corrupt file never stops a run.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError, InputError
+from .augment import MultiCrop
+
+
+def derive_seed(*keys: int) -> int:
+    """A 64-bit seed mixed from integer keys (e.g. ``(seed, epoch, index)``) by numpy's SeedSequence."""
+    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(2, np.uint32)
+    return int(state[0]) | (int(state[1]) << 32)
+
+
+@functools.lru_cache(maxsize=2)  # a global batch spans at most 2 epochs (when global_batch <= n_items)
+def _epoch_perm(n_items: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))  # [n_items]
+
+
+def batch_plan(step: int, global_batch: int, n_items: int, seed: int) -> list[tuple[int, int]]:
+    """The ``(epoch, index)`` keys of the global batch at ``step``.
+
+    Positions ``p = step * global_batch + j`` run through an infinite stream of epochs, each a
+    random permutation of the ``n_items`` items seeded from ``(seed, epoch)``: ``epoch = p // n_items``,
+    ``index = perm_epoch[p % n_items]``. Every item is seen once per epoch.
+    """
+    if n_items < 1 or global_batch < 1 or step < 0:
+        raise ConfigError(
+            f"batch_plan needs n_items >= 1, global_batch >= 1, step >= 0; got {n_items}, {global_batch}, {step}"
+        )
+    start = step * global_batch
+    out: list[tuple[int, int]] = []
+    for epoch in range(start // n_items, (start + global_batch - 1) // n_items + 1):
+        lo = max(start, epoch * n_items) - epoch * n_items
+        hi = min(start + global_batch, (epoch + 1) * n_items) - epoch * n_items
+        out.extend((epoch, i) for i in _epoch_perm(n_items, seed, epoch)[lo:hi].tolist())
+    return out
+
+
+class StepBatchSampler:
+    """Yields, for steps ``start_step .. total_steps - 1``, this rank's contiguous slice of :func:`batch_plan`.
+
+    Use as a DataLoader ``batch_sampler``; each rank gets ``global_batch // world_size`` keys per step.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        global_batch: int,
+        seed: int,
+        *,
+        start_step: int = 0,
+        total_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if n_items < 1:
+            raise ConfigError("the dataset is empty: no images to pretrain on")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in 0 .. world_size - 1 = {world_size - 1}")
+        if global_batch < 1 or global_batch % world_size:
+            raise ConfigError(
+                f"the global batch ({global_batch}) must be a positive multiple of the number of processes "
+                f"({world_size}); change the batch size or the number of GPUs"
+            )
+        if not 0 <= start_step <= total_steps:
+            raise ConfigError(f"start_step={start_step} must be in [0, total_steps={total_steps}]")
+        self.n_items, self.global_batch, self.seed = n_items, global_batch, seed
+        self.start_step, self.total_steps = start_step, total_steps
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = global_batch // world_size
+
+    def __len__(self) -> int:
+        return self.total_steps - self.start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        lo = self.rank * self.local_batch
+        for step in range(self.start_step, self.total_steps):
+            yield batch_plan(step, self.global_batch, self.n_items, self.seed)[lo : lo + self.local_batch]
+
+
+class SSLDataset(Dataset):
+    """Multi-crop views of a folder's images, keyed by ``(epoch, index)``.
+
+    ``source``: a ``domains.FolderDataset`` (or anything with ``__len__`` and ``__getitem__(i) -> (array
+    [C, H, W], meta)`` with ``meta["value_range"]``, and optionally an ``epoch`` attribute for its
+    random windows). Values are scaled from ``meta["value_range"]`` to [0, 1] and clipped; one-channel
+    images are repeated to ``in_chans``. Nodata pixels (``meta["valid"]``) stay in the crops as the
+    reader's fill value: use FolderDataset's ``window`` + ``min_valid`` for scenes with large nodata areas.
+    """
+
+    def __init__(self, source: Any, multicrop: MultiCrop, *, in_chans: int, seed: int) -> None:
+        self.source, self.multicrop, self.in_chans, self.seed = source, multicrop, int(in_chans), int(seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        if hasattr(self.source, "epoch"):
+            self.source.epoch = epoch
+        arr, meta = self.source[index]
+        image = self._to_unit(arr, meta)  # [C, H, W] in [0, 1]
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
+        crops = self.multicrop(image, generator)
+        return {"global": crops["global"], "local": crops["local"], "index": int(index)}
+
+    def _to_unit(self, arr: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
+        name = meta.get("path", "this file")
+        vr = meta.get("value_range")
+        if vr is None:
+            raise InputError(
+                f"{name}: values are physical (HU, float reflectance, ...) with no display range, so they cannot be "
+                "scaled to [0, 1]; read DICOMs with a window (dicom={'window': 'lung'} or 'auto') and GeoTIFFs "
+                "with a stretch or band statistics (geotiff={'stats': ...})"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))  # [C, H, W]
+        lo, hi = float(vr[0]), float(vr[1])
+        if (lo, hi) != (0.0, 1.0):
+            x = (x - lo) / (hi - lo)
+        x = x.clamp(0.0, 1.0)
+        c = x.shape[0]
+        if c == self.in_chans:
+            return x
+        if c == 1:
+            return x.expand(self.in_chans, -1, -1)
+        raise InputError(
+            f"{name} has {c} channels ({', '.join(map(str, meta.get('channels') or [])) or 'unnamed'}) but the "
+            f"model takes in_chans={self.in_chans}: select bands (e.g. geotiff={{'bands': [...]}} / data.bands) "
+            f"or pretrain with in_chans={c}"
+        )
+
+
+def collate_crops(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack items crop-major: ``global_crops [2, B, C, g, g]``, ``local_crops [n_local, B, C, l, l]``,
+    ``index [B]`` (the requested item indexes)."""
+    return {
+        "global_crops": torch.stack([it["global"] for it in items], dim=1),  # [2, B, C, g, g]
+        "local_crops": torch.stack([it["local"] for it in items], dim=1),  # [n_local, B, C, l, l]
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),  # [B]
+    }
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # one process per core: intra-op threads would oversubscribe
+
+
+def make_loader(
+    dataset: Dataset, sampler: StepBatchSampler, *, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader over ``sampler``'s steps with :func:`collate_crops` (persistent workers, 1 thread each)."""
+    workers = num_workers > 0
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_crops,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=2 if workers else None,
+    )

@@ -1,0 +1,571 @@
+"""The pretraining loop: :func:`pretrain` (Python) behind ``dinoapp pretrain`` (CLI).
+
+One code path for a CPU smoke run, one GPU and ``torchrun --nproc_per_node=N`` (DDP, or FSDP2 with
+``train.strategy=fsdp``). Each step (DINOv3 spec, section 2): schedules -> iBOT masks -> teacher
+targets (Sinkhorn-Knopp) -> student forward and DINO + iBOT + KoLeo loss -> backward (skipped on
+every process when any loss is not finite) -> last-layer freeze, gradient clipping, AdamW ->
+EMA teacher update -> metrics, checkpoints.
+
+Determinism: batches, crops and masks are pure functions of ``(seed, step)`` and the global RNG is
+re-seeded from ``(seed, step, rank)`` at every step (drop path, RoPE rescale), so a resumed run
+continues exactly as if it had never stopped, with any number of data workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError, DinoappError
+from . import dist as D
+from . import runstate
+from .config import PretrainConfig, load_config
+from .model import SSLNetworks, collapse_stats, ema_update, make_teacher, ssl_loss, teacher_targets
+from .optim import build_optimizer, param_groups, set_lr_wd
+from .schedules import cosine, linear_warmup, ramp, warmup_constant, warmup_cosine
+
+log = logging.getLogger("dinoapp.ssl")
+
+
+class TrainingDivergedError(DinoappError, RuntimeError):
+    """The loss stayed non-finite for ``train.nan_patience`` consecutive steps."""
+
+
+class CollapseWarning(UserWarning):
+    """Training signals that the representation is collapsing (uniform targets, identical embeddings)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int  # steps completed
+    exported: dict[str, Path] = field(default_factory=dict)
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False  # SIGTERM/SIGINT or stop_after: resume with the same command + --resume
+
+
+# --- building blocks -------------------------------------------------------------------------------
+def build_backbone(cfg: PretrainConfig):
+    from ..loading import load_backbone
+
+    m = cfg.model
+    overrides = dict(m.arch_overrides)
+    return load_backbone(
+        m.backbone,
+        in_chans=m.in_chans,
+        mean=m.mean,
+        std=m.std,
+        drop_path_rate=m.drop_path,
+        seed=cfg.train.seed,
+        **overrides,
+    )
+
+
+def build_networks(cfg: PretrainConfig) -> SSLNetworks:
+    """Student backbone (from the config's source) + fresh DINO and iBOT heads (spec section 2:
+    released checkpoints contain no heads)."""
+    from .heads import DINOHead
+
+    torch.manual_seed(cfg.train.seed)
+    bb = build_backbone(cfg)
+    bb.set_rope_rescale(cfg.model.rope_rescale)
+    m = cfg.model
+    kw = dict(hidden_dim=m.head_hidden, bottleneck_dim=m.head_bottleneck, n_layers=m.head_layers)
+    dino_head = DINOHead(bb.embed_dim, m.n_prototypes, **kw)
+    ibot_head = DINOHead(bb.embed_dim, m.ibot_n_prototypes or m.n_prototypes, **kw)
+    return SSLNetworks(bb, dino_head, ibot_head)
+
+
+def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path):
+    from domains.datasets import FolderDataset
+
+    from .augment import MultiCrop, augment_preset
+    from .data import SSLDataset
+
+    d = cfg.data
+    if not d.path:
+        raise ConfigError("no training data: pass --data PATH (a folder of images, GeoTIFFs or DICOMs) or data.path=")
+    geo: dict[str, Any] = {}
+    if d.bands is not None:
+        geo["bands"] = d.bands
+    if d.stats is not None:
+        geo["stats"] = d.stats
+    opts: dict[str, Any] = {}
+    if geo:
+        opts["geotiff"] = geo
+    if d.dicom_window is not None:
+        opts["dicom"] = {"window": d.dicom_window}
+    src = FolderDataset(d.path, recursive=d.recursive, window=d.window, min_valid=d.min_valid,
+                        error_log=run_dir / "errors.jsonl", seed=cfg.train.seed, **opts)  # fmt: skip
+    params = augment_preset(d.domain)
+    if d.aug:
+        import dataclasses
+
+        params = dataclasses.replace(params, **d.aug)
+    mc = MultiCrop(global_size=d.global_size, local_size=d.local_size, n_local=d.n_local, global_scale=d.global_scale,
+                   local_scale=d.local_scale, params=params, mean=mean, std=std)  # fmt: skip
+    return SSLDataset(src, mc, in_chans=in_chans, seed=cfg.train.seed)
+
+
+def stage_requires_grad(nets: SSLNetworks, *, backbone_frozen: bool, freeze_tokens: bool, train_mask_token: bool):
+    """Continued-pretraining stages: stage 1 trains the heads only; stage 2 the backbone too, with
+    the CLS and mask tokens frozen when ``freeze_tokens`` (spec section 2)."""
+    nets.backbone_frozen = backbone_frozen
+    for name, p in nets.backbone.named_parameters():
+        frozen = backbone_frozen
+        if name == "vit.cls_token" and freeze_tokens:
+            frozen = True
+        if name == "mask_token" and (freeze_tokens or not train_mask_token):
+            frozen = True
+        p.requires_grad_(not frozen)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + 12_345) % (2**62)
+
+
+def schedule_values(cfg: PretrainConfig, step: int) -> dict[str, float]:
+    """Every scheduled value at ``step`` (pure function of the config; spec section 2)."""
+    o, t, lo = cfg.optim, cfg.train, cfg.loss
+    head_lr = o.head_lr if o.head_lr is not None else o.lr
+    if o.schedule == "cosine":
+        lr = warmup_cosine(step, t.steps, o.lr, o.min_lr, o.warmup_steps)
+        hlr = warmup_cosine(step, t.steps, head_lr, o.min_lr, o.warmup_steps)
+    else:
+        lr = warmup_constant(step, o.warmup_steps, o.lr)
+        hlr = warmup_constant(step, o.warmup_steps, head_lr)
+    return {
+        "lr": lr,
+        "head_lr": hlr,
+        "backbone_scale": ramp(step, t.freeze_backbone_steps, t.unfreeze_ramp_steps),
+        "weight_decay": cosine(step, t.steps, o.weight_decay, o.weight_decay_end),
+        "momentum": cosine(step, t.steps, o.ema_momentum, o.ema_momentum_end),
+        "teacher_temp": linear_warmup(step, lo.teacher_temp_warmup_steps, lo.teacher_temp_start, lo.teacher_temp),
+        "freeze_last_layer": float(step < o.freeze_last_layer_steps),
+    }
+
+
+def autocast_context(device: torch.device, precision: str):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def export_teacher(teacher: SSLNetworks, run_dir: Path, *, step: int, cfg: PretrainConfig,
+                   write: bool = True) -> dict[str, Path]:  # fmt: skip
+    """The teacher backbone (with its DINO/iBOT heads) as a dinoapp checkpoint, and in Meta's flat
+    layout; both read back with ``load_backbone``. Under FSDP2 every process must call this (the
+    weights are gathered collectively); only the one with ``write=True`` writes."""
+    import copy
+
+    from ..checkpoint import save_backbone
+
+    sd = full_state_dict(teacher)  # a collective under FSDP2
+    if not write:
+        return {}
+    src = teacher.backbone
+    bb = type(src)(src.arch, mean=src.mean, std=src.std, provenance=dict(src.provenance))
+    bb.load_state_dict({k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")})
+    bb.provenance.update({"source": str(run_dir), "trained_steps": step, "init": cfg.model.backbone,
+                          "layout": "dinoapp", "sha256": None})  # fmt: skip
+    bb.pretrained_heads = copy.copy(src.pretrained_heads)
+    for head in ("dino_head", "ibot_head"):
+        bb.pretrained_heads[head] = {k.removeprefix(head + "."): v for k, v in sd.items() if k.startswith(head + ".")}
+    out = run_dir / "export"
+    paths = {"dinoapp": save_backbone(bb.eval(), out / "teacher_backbone.safetensors")}
+    if cfg.run.export_meta:
+        meta = out / "teacher_backbone_meta.pth"
+        tmp = meta.with_name(meta.name + ".tmp")
+        torch.save({k: v.contiguous() for k, v in bb.meta_state_dict().items()}, tmp)
+        os.replace(tmp, meta)
+        paths["meta"] = meta
+    return paths
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU state dict with sharded (DTensor) entries gathered; a collective under FSDP2."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().cpu().clone()
+    return out
+
+
+def load_full_state_dict(module: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) state dict into a possibly FSDP2-sharded module."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ConfigError(
+            f"the checkpoint does not match this run's model (missing {missing[:5]}, unexpected {unexpected[:5]}): "
+            "was the config changed?"
+        )
+    with torch.no_grad():
+        for k, v in own.items():
+            src = sd[k]
+            if hasattr(v, "device_mesh"):  # DTensor: take this process's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                src = distribute_tensor(src.to(v.device, v.dtype), v.device_mesh, v.placements).to_local()
+                D.local_tensor(v).copy_(src)
+            else:
+                if v.shape != src.shape:
+                    raise ConfigError(f"checkpoint tensor {k} has shape {tuple(src.shape)}, the model {tuple(v.shape)}")
+                v.copy_(src)
+
+
+# --- the loop --------------------------------------------------------------------------------------
+def pretrain(
+    cfg: PretrainConfig | str | None,
+    out_dir: str | os.PathLike,
+    *,
+    data: str | os.PathLike | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    resume: bool | str = "auto",
+    stop_after: int | None = None,
+) -> RunResult:
+    """Run (or resume) self-supervised pretraining; returns where things were written.
+
+    ``cfg``: a :class:`PretrainConfig`, a preset name or a YAML path (``overrides`` applied on top);
+    ``None`` reads ``out_dir/config.yaml`` (resuming from the folder alone).
+    ``resume``: ``"auto"`` continues from the newest checkpoint in ``out_dir`` when there is one,
+    ``True`` requires one, ``False``
+    refuses a folder that already holds checkpoints. ``stop_after``: stop (with a checkpoint) after
+    this many steps of this call, e.g. to split a run across jobs.
+    """
+    run_dir = Path(out_dir).expanduser()
+    if cfg is None:  # resume from the run folder alone
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} has no config.yaml: pass --config (a preset name or YAML file)")
+        cfg = run_dir / "config.yaml"
+    if not isinstance(cfg, PretrainConfig):
+        cfg = load_config(cfg, overrides)
+    elif overrides:
+        raise ConfigError("pass overrides with a preset name or YAML path, or edit the PretrainConfig directly")
+    if data is not None:
+        cfg.data.path = str(data)
+    cfg.validate()
+    info = D.init(cfg.train.device)
+    try:
+        return _pretrain(cfg, run_dir, info, resume, stop_after)
+    finally:
+        D.shutdown()
+
+
+@dataclass
+class Engine:
+    """Everything one training step needs; :meth:`step` is the body of the loop (also used by
+    ``benchmarks/train_step.py`` so the benchmark times exactly this code)."""
+
+    cfg: PretrainConfig
+    info: D.DistInfo
+    nets: SSLNetworks
+    teacher: SSLNetworks
+    optimizer: torch.optim.Optimizer
+    fsdp: bool
+    nan_run: int = 0
+    student: nn.Module | None = None  # nets, or its DDP wrapper for the current stage
+    stage_frozen: bool | None = None
+
+    @property
+    def use_ibot(self) -> bool:
+        return self.cfg.loss.ibot_weight > 0 and self.cfg.loss.mask_sample_prob > 0
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.train.batch_size // self.info.world_size
+
+    def step(self, step: int, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One optimisation step on this process's ``batch`` (``global_crops [G, b, C, g, g]``,
+        ``local_crops [L, b, C, l, l]``); returns losses, targets, student outputs and flags."""
+        cfg, info, dev = self.cfg, self.info, self.info.device
+        G, L, b = batch["global_crops"].shape[0], batch["local_crops"].shape[0], self.local_batch
+        sv = schedule_values(cfg, step)
+        frozen = sv["backbone_scale"] <= 0.0
+        if frozen != self.stage_frozen:  # stage change: (re)build the DDP wrapper over what trains now
+            stage_requires_grad(self.nets, backbone_frozen=frozen, freeze_tokens=cfg.train.freeze_tokens,
+                                train_mask_token=self.use_ibot)  # fmt: skip
+            self.student = self.nets if self.fsdp else D.wrap_ddp(self.nets, info)
+            self.stage_frozen = frozen
+        set_lr_wd(self.optimizer, lr=sv["lr"], weight_decay=sv["weight_decay"], head_lr=sv["head_lr"],
+                  backbone_scale=sv["backbone_scale"], freeze_last_layer=bool(sv["freeze_last_layer"]))  # fmt: skip
+        torch.manual_seed(step_seed(cfg.train.seed, step, info.rank))
+        gc = batch["global_crops"].to(dev, non_blocking=True).flatten(0, 1)  # [G*b, C, g, g]
+        lc = batch["local_crops"].to(dev, non_blocking=True).flatten(0, 1) if L > 0 else None  # [L*b, C, l, l]
+        masks = None
+        if self.use_ibot:
+            from .masking import ibot_masks
+
+            h, w = gc.shape[-2] // self.nets.backbone.patch_size, gc.shape[-1] // self.nets.backbone.patch_size
+            gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 10_007))
+            B = cfg.train.batch_size
+            m = ibot_masks(G * B, h, w, gen, ratio_range=cfg.loss.mask_ratio,
+                           sample_prob=cfg.loss.mask_sample_prob)  # fmt: skip  # [G*B, h*w]: the global batch
+            m = m.reshape(G, B, h * w)[:, info.rank * b : (info.rank + 1) * b]
+            masks = m.reshape(G * b, h * w).to(dev)  # this process's images
+        with autocast_context(dev, cfg.train.precision):
+            targets = teacher_targets(self.teacher, gc, masks, n_global=G, temp=sv["teacher_temp"],
+                                      sk_iters=cfg.loss.sk_iters)  # fmt: skip
+            out = self.student(gc, lc, masks)
+        if self.fsdp:  # a teacher root stays gathered after a forward without backward: shard it again
+            D.reshard(self.teacher)
+        lo = cfg.loss
+        losses = ssl_loss(out, targets, masks, n_global=G, n_local=L, student_temp=lo.student_temp,
+                          dino_weight=lo.dino_weight, ibot_weight=lo.ibot_weight, koleo_weight=lo.koleo_weight,
+                          koleo_gather=lo.koleo_across_processes)  # fmt: skip
+        loss = losses["loss"]
+        ok = D.all_true(bool(torch.isfinite(loss).item()), dev)
+        grad_norm = float("nan")
+        if ok:
+            loss.backward()
+            if sv["freeze_last_layer"]:
+                for g in self.optimizer.param_groups:
+                    if g.get("is_last_layer"):
+                        for p in g["params"]:
+                            p.grad = None
+            grad_norm = _clip(self.nets, cfg.optim.clip_grad)
+            ok = math.isfinite(grad_norm)
+        if ok:
+            self.optimizer.step()
+            ema_update(self.teacher, self.nets, sv["momentum"])
+            self.nan_run = 0
+        else:
+            self.nan_run += 1
+            if info.is_main:
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step + 1, self.nan_run)
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"losses": losses, "targets": targets, "out": out, "ok": ok, "grad_norm": grad_norm, "sv": sv}
+
+    def state(self) -> dict[str, Any]:
+        """Checkpoint contents (a collective under FSDP2: call on every process)."""
+        return {
+            "student": full_state_dict(self.nets),
+            "teacher": full_state_dict(self.teacher),
+            "optimizer": _optimizer_state(self.optimizer, self.nets, self.fsdp),
+            "rng": runstate.rng_state(),
+            "nan_run": self.nan_run,
+            "config": self.cfg.to_dict(),
+            "world_size": self.info.world_size,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> int:
+        load_full_state_dict(self.nets, state["student"])
+        load_full_state_dict(self.teacher, state["teacher"])
+        _load_optimizer(self.optimizer, self.nets, state["optimizer"], self.fsdp)
+        self.nan_run = int(state.get("nan_run", 0))
+        runstate.set_rng_state(state["rng"])
+        return int(state["step"])
+
+
+def build_engine(cfg: PretrainConfig, info: D.DistInfo) -> Engine:
+    """Networks on the device (sharded/compiled as configured), teacher, optimizer."""
+    dev = info.device
+    nets = build_networks(cfg)
+    if cfg.data.global_size < nets.backbone.patch_size:
+        raise ConfigError(f"data.global_size={cfg.data.global_size} is smaller than one "
+                          f"{nets.backbone.patch_size}px patch")  # fmt: skip
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dev.type == "cuda")
+    if cfg.train.grad_checkpointing:
+        nets.backbone.set_grad_checkpointing(True)
+    nets.to(dev)
+    nets.train()
+    teacher = make_teacher(nets)
+    fsdp = cfg.train.strategy == "fsdp" and info.distributed
+    if fsdp:
+        D.shard_fsdp(nets, bf16=bf16)
+        D.shard_fsdp(teacher, bf16=bf16)
+    if cfg.train.compile and dev.type == "cuda":
+        for blk in [*nets.backbone.blocks, *teacher.backbone.blocks]:
+            blk.compile()
+    parts = {"backbone": nets.backbone, "dino_head": nets.dino_head, "ibot_head": nets.ibot_head}
+    groups = param_groups(parts, layer_decay=cfg.optim.layer_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult)
+    optimizer = build_optimizer(groups, betas=cfg.optim.betas, fused=True if dev.type == "cuda" else None)
+    return Engine(cfg, info, nets, teacher, optimizer, fsdp)
+
+
+def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop_after) -> RunResult:
+    if cfg.train.batch_size % info.world_size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly over "
+            f"{info.world_size} processes"
+        )
+    existing = runstate.list_checkpoints(run_dir)
+    if existing and resume is False:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
+    if not existing and resume is True:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        cfg.save(run_dir / "config.yaml")
+
+    eng = build_engine(cfg, info)
+    start = 0
+    if existing and resume is not False:
+        found = runstate.latest_checkpoint(run_dir)
+        if found is None:
+            raise ConfigError(f"none of the checkpoints in {run_dir / 'checkpoints'} can be read")
+        start = eng.load_state(found[0])
+        if info.is_main:
+            log.info("resumed from %s (step %d)", found[1], start)
+
+    bb = eng.nets.backbone
+    ds = build_dataset(cfg, bb.in_chans, bb.mean, bb.std, run_dir)
+    from .data import StepBatchSampler, make_loader
+
+    sampler = StepBatchSampler(len(ds), cfg.train.batch_size, cfg.train.seed, start_step=start,
+                               total_steps=cfg.train.steps, rank=info.rank, world_size=info.world_size)  # fmt: skip
+    loader = make_loader(ds, sampler, num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
+    metrics = None
+    if info.is_main:
+        metrics = runstate.MetricsWriter(run_dir, start_step=start, tensorboard=cfg.run.tensorboard)
+
+    stop = {"flag": False}
+    old_handlers = _install_signal_handlers(stop)
+    last: dict[str, Any] = {}
+    step = start
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    progress = None
+    if info.is_main and cfg.run.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.train.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+    warned: dict[str, int] = {}
+    t_last = time.perf_counter()
+
+    def save(at: int) -> None:
+        state = eng.state()  # every process takes part in gathering; only rank 0 writes (no collective after it)
+        if info.is_main:
+            runstate.save_checkpoint(state, run_dir, at, cfg.run.keep_last)
+
+    try:
+        it = iter(loader)
+        while step < end and not stop["flag"]:
+            r = eng.step(step, next(it))
+            step += 1
+            if step % cfg.run.log_every == 0 or step == end:
+                now = time.perf_counter()
+                row = {k: float(v.detach()) for k, v in r["losses"].items()}
+                row.update(collapse_stats(r["targets"], r["out"]))
+                row = D.mean_scalars(row, info.device)
+                row.update({k: v for k, v in r["sv"].items() if k != "freeze_last_layer"})
+                ips = cfg.train.batch_size * cfg.run.log_every / max(now - t_last, 1e-9)
+                row.update({"grad_norm": r["grad_norm"], "skipped": int(not r["ok"]), "img_per_s": ips})
+                t_last = now
+                last = {"step": step, **row}
+                if metrics is not None:
+                    metrics.write(last)
+                    _collapse_warnings(last, warned, step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+            if progress is not None:
+                progress.update(1)
+            if eng.nan_run >= cfg.train.nan_patience:
+                raise TrainingDivergedError(
+                    f"the loss was not finite for {eng.nan_run} consecutive steps (last at step {step}); training "
+                    f"stopped. Resume from the last checkpoint in {run_dir / 'checkpoints'} with a lower "
+                    "optim.lr, optim.clip_grad set, or train.precision=fp32"
+                )
+            if step % cfg.run.ckpt_every == 0 and step < end:
+                save(step)
+        stopped_early = step < cfg.train.steps
+        save(step)
+        exported: dict[str, Path] = {}
+        if not stopped_early:
+            exported = export_teacher(eng.teacher, run_dir, step=step, cfg=cfg, write=info.is_main)
+            D.barrier()
+        return RunResult(run_dir, step, exported, last, stopped_early)
+    finally:
+        _restore_signal_handlers(old_handlers)
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
+
+
+def _clip(nets: nn.Module, max_norm: float | None) -> float:
+    params = [p for p in nets.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _optimizer_state(optimizer, nets, fsdp: bool):
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(nets, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer(optimizer, nets, state, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # strict=False: parameters that never stepped (frozen so far) rightly have no state yet; torch
+    # creates state for every parameter while loading (a zero step), so drop it again for those, or
+    # their first real step would use the wrong Adam bias correction.
+    set_optimizer_state_dict(nets, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    saved = set(state["state"])
+    for name, p in nets.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(p, None)
+
+
+def _collapse_warnings(row: dict[str, Any], warned: dict[str, int], step: int) -> None:
+    """Warn (at most every 200 steps per kind) when collapse signals show up."""
+    checks = []
+    if row.get("target_entropy", 0) > 0.98 and step > 50:
+        checks.append(("uniform", "the teacher's targets are nearly uniform (target_entropy "
+                       f"{row['target_entropy']:.3f}): the heads learn nothing. Lower loss.teacher_temp or optim.lr, "
+                       "or check that the images are not all alike"))  # fmt: skip
+    if row.get("cls_spread", 1.0) < 0.05 and step > 50:
+        checks.append(("point", f"student CLS embeddings collapse to one point (cls_spread {row['cls_spread']:.3f});"
+                       " raise loss.koleo_weight or lower optim.lr"))  # fmt: skip
+    for kind, msg in checks:
+        if step - warned.get(kind, -(10**9)) >= 200:
+            warned[kind] = step
+            warnings.warn(f"step {step}: {msg}", CollapseWarning, stacklevel=2)
+            log.warning("step %d: %s", step, msg)
+
+
+def _install_signal_handlers(stop: dict[str, bool]):
+    """SIGTERM/SIGINT (preemption, Ctrl-C): finish the current step, checkpoint, return."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        if stop["flag"]:  # second signal: give up at once
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        log.warning("signal %d: stopping after this step and writing a checkpoint", signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def _restore_signal_handlers(old) -> None:
+    for sig, h in old.items():
+        signal.signal(sig, h)
