@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -118,8 +120,19 @@ def test_multiband_geotiff_needs_matching_in_chans(tmp_path):
     src = FolderDataset(tmp_path)
     with pytest.raises(InputError, match=r"4 channels .* in_chans=3: select bands .*bands"):
         SSLDataset(src, small_multicrop(), in_chans=3, seed=0)[(0, 0)]
+    assert [e.error for e in src.errors] == ["InputError"]  # recorded (errors log), like an unreadable file
     mc4 = small_multicrop("satellite", mean=[0.5] * 4, std=[0.25] * 4)
-    assert SSLDataset(src, mc4, in_chans=4, seed=0)[(0, 0)]["global"].shape == (2, 4, 16, 16)
+    assert SSLDataset(FolderDataset(tmp_path), mc4, in_chans=4, seed=0)[(0, 0)]["global"].shape == (2, 4, 16, 16)
+
+
+def test_files_the_model_cannot_take_are_skipped(tmp_path):
+    """A 2-band raster among RGB ones is recorded and replaced by the next file; the run goes on."""
+    make_geotiff(tmp_path / "a_two_bands.tif", smooth_bands(2, 32, 32))
+    make_geotiff(tmp_path / "b_rgb.tif", smooth_bands(3, 32, 32))
+    src = FolderDataset(tmp_path)
+    item = SSLDataset(src, small_multicrop(), in_chans=3, seed=0)[(0, 0)]
+    assert item["global"].shape == (2, 3, 16, 16)
+    assert [Path(e.path).name for e in src.errors] == ["a_two_bands.tif"] and "2 channels" in src.errors[0].message
 
 
 class ArraySource:

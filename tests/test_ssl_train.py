@@ -67,6 +67,7 @@ def _flat(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_cpu_smoke_end_to_end(data_dir, tmp_path):
     run = tmp_path / "run"
     res = pretrain("cpu-smoke", run, data=data_dir, overrides=QUIET)
@@ -115,6 +116,18 @@ def test_refuses_to_overwrite_and_resumes_from_folder(data_dir, tmp_path):
         pretrain("cpu-smoke", tmp_path / "empty", data=data_dir, overrides=QUIET, resume=True)
 
 
+def test_resume_refuses_a_changed_config(data_dir, tmp_path):
+    run = tmp_path / "run"
+    pretrain("cpu-smoke", run, data=data_dir, overrides=[*QUIET, "train.steps=3"], stop_after=1)
+    with pytest.raises(ConfigError, match=r"different config: train.batch_size: 8 -> 4"):
+        pretrain("cpu-smoke", run, data=data_dir, overrides=[*QUIET, "train.steps=3", "train.batch_size=4"],
+                 resume=True)  # fmt: skip
+    assert load_config(run / "config.yaml").train.batch_size == 8  # the folder still describes the run
+    res = pretrain("cpu-smoke", run, data=data_dir, overrides=[*QUIET, "train.steps=2", "run.log_every=2"],
+                   resume=True)  # fmt: skip  # steps and run.* may change
+    assert res.step == 2
+
+
 def test_damaged_newest_checkpoint_falls_back(data_dir, tmp_path):
     run = tmp_path / "run"
     pretrain("cpu-smoke", run, data=data_dir, overrides=[*QUIET, "train.steps=4", "run.ckpt_every=1",
@@ -141,6 +154,10 @@ def test_stage1_trains_heads_only_and_tokens_stay_frozen(data_dir, tmp_path):
                 assert torch.equal(st[k], v), (step, k)
     # (step 1 runs at lr 0: the warm-up starts from 0)
     assert not torch.equal(states[3]["student"]["dino_head.mlp.0.weight"], init["dino_head.mlp.0.weight"])
+    # the heads' last layer is frozen for the first optim.freeze_last_layer_steps (2 in cpu-smoke)
+    last = "dino_head.last_layer.weight"
+    assert torch.equal(states[2]["student"][last], init[last])
+    assert not torch.equal(states[5]["student"][last], init[last])
     final = states[5]["student"]
     qkv = "backbone.vit.blocks.0.attn.qkv.weight"
     assert not torch.equal(final[qkv], init[qkv])
@@ -183,7 +200,8 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(data_dir, tmp_path):
     """A run killed with SIGKILL and resumed ends bit-identical to an uninterrupted run."""
-    ov = [*QUIET, "train.steps=10", "run.ckpt_every=2", "run.keep_last=10", "data.num_workers=2"]
+    ov = [*QUIET, "train.steps=10", "run.ckpt_every=2", "run.keep_last=10", "data.num_workers=2",
+          "model.drop_path=0.2"]  # drop path and RoPE rescale draw random numbers every step
     full, killed = tmp_path / "full", tmp_path / "killed"
     p = _cli(["--config", "cpu-smoke", "--data", str(data_dir), "--out", str(full), *ov])
     out, _ = p.communicate(timeout=300)
@@ -287,6 +305,7 @@ def test_fsdp_run_split_across_jobs_resumes(data_dir, tmp_path, one_process):
     np.testing.assert_allclose(_metrics(run, "loss"), _metrics(one_process["no_koleo"], "loss"), rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_and_bf16_paths(data_dir, tmp_path):
     """Activation checkpointing recomputes the same numbers; bf16 autocast runs (on CPU here)."""
     ov = [*QUIET, "train.steps=2", "run.keep_last=1"]
@@ -326,3 +345,31 @@ def test_collapse_warnings():
         warnings.simplefilter("error")
         _collapse_warnings({"target_entropy": 0.999, "cls_spread": 0.001}, warned, 150)  # rate-limited
         _collapse_warnings({"target_entropy": 0.5, "cls_spread": 0.9}, {}, 400)  # healthy
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_without_ibot_and_with_stages(data_dir, tmp_path):
+    """DDP with the iBOT term off (its head gets no gradients) and a frozen-backbone stage change."""
+    run = tmp_path / "run"
+    _torchrun(2, ["--config", "cpu-smoke", "--data", str(data_dir), "--out", str(run), *QUIET, "train.steps=3",
+                  "loss.ibot_weight=0", "train.freeze_backbone_steps=1", "train.unfreeze_ramp_steps=1"])  # fmt: skip
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and "ibot" not in rows[0] and all(r["skipped"] == 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_stops(data_dir, tmp_path):
+    """Preemption (SIGTERM): the step in flight finishes, a checkpoint is written, the process exits 0."""
+    run = tmp_path / "run"
+    p = _cli(["--config", "cpu-smoke", "--data", str(data_dir), "--out", str(run), *QUIET, "train.steps=200",
+              "run.ckpt_every=2"])  # fmt: skip
+    deadline = time.time() + 300
+    while not runstate.checkpoint_path(run, 2).exists():
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert "stopped at step" in out and "--resume" in out
+    stopped = int(out.split("stopped at step ")[1].split(";")[0])
+    assert 2 <= stopped < 200 and runstate.list_checkpoints(run)[-1][0] == stopped

@@ -66,7 +66,7 @@ class LossConfig:
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     teacher_temp_start: float = 0.04
-    teacher_temp_warmup_steps: int = 0
+    teacher_temp_warmup_steps: int = 3000
     sk_iters: int = 3
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
@@ -82,7 +82,7 @@ class OptimConfig:
     head_lr: float | None = None  # peak lr of the heads (None: lr)
     min_lr: float = 1e-6
     schedule: str = "cosine"  # cosine | constant (both after a linear warm-up)
-    warmup_steps: int = 0
+    warmup_steps: int = 1000
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     layer_decay: float = 0.9
@@ -91,12 +91,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     ema_momentum: float = 0.992
     ema_momentum_end: float = 1.0
-    freeze_last_layer_steps: int = 0  # heads' last layer frozen at first (spec: the first epoch)
+    freeze_last_layer_steps: int = 1250  # heads' last layer frozen at first (spec: the first epoch of 1250 steps)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 100000
     batch_size: int = 64  # GLOBAL batch: split over processes, so results do not depend on the GPU count
     seed: int = 0
     freeze_backbone_steps: int = 0  # continued pretraining stage 1: train the fresh heads only

@@ -115,8 +115,20 @@ class SSLDataset(Dataset):
         epoch, index = key
         if hasattr(self.source, "epoch"):
             self.source.epoch = epoch
-        arr, meta = self.source[index]
-        image = self._to_unit(arr, meta)  # [C, H, W] in [0, 1]
+        n = len(self.source)
+        for k in range(n):  # a file the model cannot take (bands, no display range) is skipped like a corrupt one
+            arr, meta = self.source[(index + k) % n]
+            try:
+                image = self._to_unit(arr, meta)  # [C, H, W] in [0, 1]
+                break
+            except InputError as err:
+                record = getattr(self.source, "_record", None)
+                if record is None or "index" not in meta or getattr(self.source, "on_error", "skip") == "raise":
+                    raise
+                record(int(meta["index"]), err)
+                last = err
+        else:
+            raise InputError(f"none of the {n} files can be used for training (see the errors log); last: {last}")
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
         crops = self.multicrop(image, generator)
         return {"global": crops["global"], "local": crops["local"], "index": int(index)}
@@ -127,8 +139,8 @@ class SSLDataset(Dataset):
         if vr is None:
             raise InputError(
                 f"{name}: values are physical (HU, float reflectance, ...) with no display range, so they cannot be "
-                "scaled to [0, 1]; read DICOMs with a window (dicom={'window': 'lung'} or 'auto') and GeoTIFFs "
-                "with a stretch or band statistics (geotiff={'stats': ...})"
+                "scaled to [0, 1]; read DICOMs with a window (data.dicom_window=lung, or dicom={'window': 'lung'} "
+                "in Python) and GeoTIFFs with band statistics (data.stats=band_stats.json / geotiff={'stats': ...})"
             )
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))  # [C, H, W]
         lo, hi = float(vr[0]), float(vr[1])
@@ -142,8 +154,8 @@ class SSLDataset(Dataset):
             return x.expand(self.in_chans, -1, -1)
         raise InputError(
             f"{name} has {c} channels ({', '.join(map(str, meta.get('channels') or [])) or 'unnamed'}) but the "
-            f"model takes in_chans={self.in_chans}: select bands (e.g. geotiff={{'bands': [...]}} / data.bands) "
-            f"or pretrain with in_chans={c}"
+            f"model takes in_chans={self.in_chans}: select bands (data.bands=[4,3,2] or data.bands=rgb; "
+            f"geotiff={{'bands': [...]}} in Python) or pretrain with model.in_chans={c}"
         )
 
 

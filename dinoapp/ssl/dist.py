@@ -81,6 +81,11 @@ def all_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0.5)
 
 
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on any process."""
+    return not all_true(not flag, device)
+
+
 def mean_scalars(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average a dict of floats over processes (for logging)."""
     if not active() or not values:

@@ -87,7 +87,7 @@ def build_networks(cfg: PretrainConfig) -> SSLNetworks:
     return SSLNetworks(bb, dino_head, ibot_head)
 
 
-def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path):
+def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path, rank: int = 0):
     from domains.datasets import FolderDataset
 
     from .augment import MultiCrop, augment_preset
@@ -107,7 +107,8 @@ def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path):
     if d.dicom_window is not None:
         opts["dicom"] = {"window": d.dicom_window}
     src = FolderDataset(d.path, recursive=d.recursive, window=d.window, min_valid=d.min_valid,
-                        error_log=run_dir / "errors.jsonl", seed=cfg.train.seed, **opts)  # fmt: skip
+                        error_log=run_dir / ("errors.jsonl" if rank == 0 else f"errors.rank{rank}.jsonl"),
+                        seed=cfg.train.seed, **opts)  # fmt: skip
     params = augment_preset(d.domain)
     if d.aug:
         import dataclasses
@@ -120,7 +121,8 @@ def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path):
 
 def stage_requires_grad(nets: SSLNetworks, *, backbone_frozen: bool, freeze_tokens: bool, train_mask_token: bool):
     """Continued-pretraining stages: stage 1 trains the heads only; stage 2 the backbone too, with
-    the CLS and mask tokens frozen when ``freeze_tokens`` (spec section 2)."""
+    the CLS and mask tokens frozen when ``freeze_tokens`` (spec section 2). ``train_mask_token``
+    False (iBOT off) also freezes the iBOT head."""
     nets.backbone_frozen = backbone_frozen
     for name, p in nets.backbone.named_parameters():
         frozen = backbone_frozen
@@ -129,6 +131,30 @@ def stage_requires_grad(nets: SSLNetworks, *, backbone_frozen: bool, freeze_toke
         if name == "mask_token" and (freeze_tokens or not train_mask_token):
             frozen = True
         p.requires_grad_(not frozen)
+    nets.ibot_head.requires_grad_(train_mask_token)  # no iBOT term: no iBOT head gradients (DDP waits for them)
+
+
+# Settings a resumed run may change; anything else would silently change what is trained.
+RESUME_MAY_CHANGE = ("train.steps", "train.nan_patience", "data.path", "data.num_workers", "run.")
+
+
+def check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> None:
+    """Refuse to resume with a config that changes the model, data stream or objective."""
+    if not saved:
+        return
+    new = cfg.to_dict()
+    diffs = []
+    for section, values in saved.items():
+        for key, old in values.items():
+            name = f"{section}.{key}"
+            now = new.get(section, {}).get(key)
+            if now != old and not any(name == a or (a.endswith(".") and name.startswith(a)) for a in RESUME_MAY_CHANGE):
+                diffs.append(f"{name}: {old!r} -> {now!r}")
+    if diffs:
+        raise ConfigError(
+            f"resuming {path.name} with a different config: {'; '.join(diffs)}. A resumed run may change only "
+            f"{', '.join(RESUME_MAY_CHANGE)}*; start a new --out to train with other settings"
+        )
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -350,8 +376,11 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return {"losses": losses, "targets": targets, "out": out, "ok": ok, "grad_norm": grad_norm, "sv": sv}
 
-    def state(self) -> dict[str, Any]:
-        """Checkpoint contents (a collective under FSDP2: call on every process)."""
+    def state(self) -> dict[str, Any] | None:
+        """Checkpoint contents (a collective under FSDP2: call on every process); None on ranks > 0
+        when nothing is sharded (rank 0 holds everything)."""
+        if not self.fsdp and not self.info.is_main:
+            return None
         return {
             "student": full_state_dict(self.nets),
             "teacher": full_state_dict(self.teacher),
@@ -409,21 +438,27 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
     if not existing and resume is True:
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    found = None
+    if existing and resume is not False:
+        # rank 0 picks the checkpoint and every rank loads that one (a shared filesystem may lag on some nodes)
+        found = runstate.latest_checkpoint(run_dir) if info.is_main else None
+        path = D.broadcast_object(None if found is None else str(found[1]))
+        if path is None:
+            raise ConfigError(f"none of the checkpoints in {run_dir / 'checkpoints'} can be read")
+        found = found if info.is_main else (runstate.load_checkpoint(path), Path(path))
+        check_resume_config(found[0].get("config", {}), cfg, found[1])
     if info.is_main:
         cfg.save(run_dir / "config.yaml")
 
     eng = build_engine(cfg, info)
     start = 0
-    if existing and resume is not False:
-        found = runstate.latest_checkpoint(run_dir)
-        if found is None:
-            raise ConfigError(f"none of the checkpoints in {run_dir / 'checkpoints'} can be read")
+    if found is not None:
         start = eng.load_state(found[0])
         if info.is_main:
             log.info("resumed from %s (step %d)", found[1], start)
 
     bb = eng.nets.backbone
-    ds = build_dataset(cfg, bb.in_chans, bb.mean, bb.std, run_dir)
+    ds = build_dataset(cfg, bb.in_chans, bb.mean, bb.std, run_dir, info.rank)
     from .data import StepBatchSampler, make_loader
 
     sampler = StepBatchSampler(len(ds), cfg.train.batch_size, cfg.train.seed, start_step=start,
@@ -448,12 +483,12 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
 
     def save(at: int) -> None:
         state = eng.state()  # every process takes part in gathering; only rank 0 writes (no collective after it)
-        if info.is_main:
+        if state is not None and info.is_main:
             runstate.save_checkpoint(state, run_dir, at, cfg.run.keep_last)
 
     try:
         it = iter(loader)
-        while step < end and not stop["flag"]:
+        while step < end and not D.any_true(stop["flag"], info.device):  # every rank stops at the same step
             r = eng.step(step, next(it))
             step += 1
             if step % cfg.run.log_every == 0 or step == end:
