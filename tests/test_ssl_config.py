@@ -92,3 +92,14 @@ def test_yaml_file_with_base_and_round_trip(tmp_path):
     loop.write_text(f"base: {loop}\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(loop)
+
+
+def test_augmentation_overrides_are_typed_and_checked_early():
+    c = load_config("cpu-smoke", ["data.domain=medical", "data.aug.hflip=0.5", "data.aug.blur_p=[0, 0.5, 1]"])
+    assert c.data.aug == {"hflip": 0.5, "blur_p": (0.0, 0.5, 1.0)}
+    with pytest.raises(ConfigError, match="data.aug.blur_p must be a list of 3 numbers"):
+        load_config("cpu-smoke", ["data.aug.blur_p=0.5"])
+    with pytest.raises(ConfigError, match="data.aug.hflip must be a number"):
+        load_config("cpu-smoke", ["data.aug.hflip=yes"])
+    with pytest.raises(ConfigError, match="hflip=2.0: a probability"):
+        load_config("cpu-smoke", ["data.aug.hflip=2"])

@@ -373,3 +373,15 @@ def test_sigterm_checkpoints_and_stops(data_dir, tmp_path):
     assert "stopped at step" in out and "--resume" in out
     stopped = int(out.split("stopped at step ")[1].split(";")[0])
     assert 2 <= stopped < 200 and runstate.list_checkpoints(run)[-1][0] == stopped
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [[], ["train.compile=true", "train.grad_checkpointing=true"]])
+def test_cuda_bf16_run(data_dir, tmp_path, extra):
+    """The CUDA path: bf16 autocast, fused AdamW, optionally compiled blocks + activation checkpointing."""
+    res = pretrain("cpu-smoke", tmp_path / "run", data=data_dir,
+                   overrides=[*QUIET, "train.steps=4", "train.device=cuda", "train.precision=auto", *extra])  # fmt: skip
+    rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
+    bb = load_backbone(res.exported["dinoapp"])
+    assert torch.isfinite(bb(torch.rand(1, 3, 64, 64))).all()

@@ -172,13 +172,15 @@ class PretrainConfig:
             _check(c.model.rope_rescale >= 1, "model.rope_rescale", ">= 1 or null", c.model.rope_rescale)
         for key in ("freeze_backbone_steps", "unfreeze_ramp_steps"):
             _check(getattr(c.train, key) >= 0, f"train.{key}", ">= 0", getattr(c.train, key))
-        if c.data.aug:
-            from .augment import AugmentParams
+        if c.data.aug:  # typed like every other key, and checked now rather than at the first batch
+            from .augment import AugmentParams, augment_preset
 
-            known = {f.name for f in dataclasses.fields(AugmentParams)}
-            bad = sorted(set(c.data.aug) - known)
+            hints = typing.get_type_hints(AugmentParams)
+            bad = sorted(set(c.data.aug) - set(hints))
             if bad:
-                raise ConfigError(f"data.aug: unknown augmentation options {bad}; known: {sorted(known)}")
+                raise ConfigError(f"data.aug: unknown augmentation options {bad}; known: {sorted(hints)}")
+            c.data.aug = {k: _coerce(v, hints[k], f"data.aug.{k}", "config") for k, v in c.data.aug.items()}
+            dataclasses.replace(augment_preset(c.data.domain), **c.data.aug)  # range checks (ConfigError)
         return self
 
 
@@ -358,9 +360,10 @@ def _type_name(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin in (tuple, list):
-        return f"a list of {len(args) if origin is tuple else ''} {_type_name(args[0]) if args else 'values'}".replace(
-            "  ", " "
-        )
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        inner = plural.get(args[0], "values") if args else "values"
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        return f"a list of {len(args)} {inner}" if fixed else f"a list of {inner}"
     if origin is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(hint, str(hint))
