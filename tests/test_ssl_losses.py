@@ -329,3 +329,14 @@ def test_losses_on_cuda_bf16_match_cpu():
     for a, b in zip(cpu, dev):
         assert b.dtype == torch.float32
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-6)
+
+
+def test_sinkhorn_outlier_sample_keeps_a_distribution():
+    """A sample whose logits lie far below every prototype's best sample still gets a full target
+    row (the log-domain normalisation cannot underflow to an all-zero row)."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 10)
+    logits[3] -= 50.0  # 50 / 0.04 = 1250 below the others in exp space
+    q = sinkhorn_knopp(logits, 0.04)
+    torch.testing.assert_close(q.sum(-1), torch.ones(6))
+    assert torch.isfinite(q).all() and q[3].max() > 0.05

@@ -28,44 +28,38 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iters: int = 3) 
 
     Spec, section 2: Q = exp(T / temp); Q /= sum(Q); ``n_iters`` times: every prototype's mass
     (column of [N, K]) is set to 1/K, then every sample's (row) to 1/N; finally rows are scaled
-    to sum to 1. With several processes the total, the per-prototype sums, the maximum and N are
-    all-reduced, so each rank gets its rows of the single-process result over all ranks' rows;
+    to sum to 1. With several processes the per-prototype maxima and sums and N are all-reduced, so each rank gets its rows of the single-process result over all ranks' rows;
     ranks may hold different N, also 0 (every rank must call this function).
 
-    Stability: each prototype's logits are shifted by their (all-reduced) maximum before exp.
-    The first prototype normalisation divides that shift out exactly, so this equals the
-    unshifted algorithm (and the global-max shift) while no prototype's mass can underflow to 0.
-    A sample more than ~100 * temp below every prototype's best sample would get an all-zero row
-    (not NaN).
+    Stability: computed in the log domain (log-sum-exp for both normalisations), which is the same
+    algorithm in exact arithmetic; the initial division by the total is omitted because the first
+    prototype normalisation cancels it. No exp of a raw logit can overflow, and no sample's row can
+    underflow to all zeros however far its logits lie below every prototype's best sample.
     """
     if teacher_logits.ndim != 2:
         raise InputError(f"sinkhorn_knopp expects teacher logits [N, K], got shape {tuple(teacher_logits.shape)}")
     if not temp > 0:
         raise ConfigError(f"teacher temperature must be > 0, got {temp}")
-    x = teacher_logits.float()  # [N, K]
-    n, k = x.shape
+    logq = teacher_logits.float() / temp  # [N, K], log Q up to a constant
+    n, k = logq.shape
     distributed = _world_size() > 1
-
-    shift = x.amax(dim=0, keepdim=True) if n > 0 else x.new_full((1, k), float("-inf"))  # [1, K]
-    n_rows = x.new_tensor([float(n)])  # [1]
+    n_rows = logq.new_tensor([float(n)])  # [1]
     if distributed:
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
         dist.all_reduce(n_rows)
-    q = (x - shift).div_(temp).exp_()  # [N, K], every prototype's max entry (over all ranks) is 1
-
-    total = q.sum()
-    if distributed:
-        dist.all_reduce(total)
-    q /= total
+    log_n, log_k = torch.log(n_rows), float(torch.log(torch.tensor(float(k))))
     for _ in range(n_iters):
-        per_proto = q.sum(dim=0, keepdim=True)  # [1, K]
+        # every prototype (column): total mass 1/K over the samples of all processes
+        peak = logq.amax(dim=0, keepdim=True) if n > 0 else logq.new_full((1, k), float("-inf"))  # [1, K]
         if distributed:
-            dist.all_reduce(per_proto)
-        q /= per_proto * k  # each prototype: total mass 1/K
-        per_sample = q.sum(dim=1, keepdim=True)  # [N, 1]
-        q /= torch.where(per_sample > 0, per_sample, 1.0) * n_rows  # each sample: mass 1/N
-    q *= n_rows  # [N, K], rows sum to 1
-    return q
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        mass = (logq - peak).exp().sum(dim=0, keepdim=True)  # [1, K]
+        if distributed:
+            dist.all_reduce(mass)
+        logq = logq - (peak + mass.log()) - log_k
+        # every sample (row): mass 1/N
+        logq = logq - logq.logsumexp(dim=1, keepdim=True) - log_n
+    return (logq + log_n).exp()  # [N, K], rows sum to 1
 
 
 def dino_loss(
