@@ -379,8 +379,8 @@ def test_sigterm_checkpoints_and_stops(data_dir, tmp_path):
 @pytest.mark.parametrize("extra", [[], ["train.compile=true", "train.grad_checkpointing=true"]])
 def test_cuda_bf16_run(data_dir, tmp_path, extra):
     """The CUDA path: bf16 autocast, fused AdamW, optionally compiled blocks + activation checkpointing."""
-    res = pretrain("cpu-smoke", tmp_path / "run", data=data_dir,
-                   overrides=[*QUIET, "train.steps=4", "train.device=cuda", "train.precision=auto", *extra])  # fmt: skip
+    ov = [*QUIET, "train.steps=4", "train.device=cuda", "train.precision=auto", *extra]
+    res = pretrain("cpu-smoke", tmp_path / "run", data=data_dir, overrides=ov)
     rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
     bb = load_backbone(res.exported["dinoapp"])

@@ -28,7 +28,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iters: int = 3) 
 
     Spec, section 2: Q = exp(T / temp); Q /= sum(Q); ``n_iters`` times: every prototype's mass
     (column of [N, K]) is set to 1/K, then every sample's (row) to 1/N; finally rows are scaled
-    to sum to 1. With several processes the per-prototype maxima and sums and N are all-reduced, so each rank gets its rows of the single-process result over all ranks' rows;
+    to sum to 1. With several processes the per-prototype maxima and sums and N are all-reduced,
+    so each rank gets its rows of the single-process result over all ranks' rows;
     ranks may hold different N, also 0 (every rank must call this function).
 
     Stability: computed in the log domain (log-sum-exp for both normalisations), which is the same
