@@ -410,13 +410,16 @@ def build_engine(cfg: PretrainConfig, info: D.DistInfo) -> Engine:
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dev.type == "cuda")
     if cfg.train.grad_checkpointing:
         nets.backbone.set_grad_checkpointing(True)
-    nets.to(dev)
+    fsdp = cfg.train.strategy == "fsdp" and info.distributed
+    if not fsdp:
+        nets.to(dev)
     nets.train()
     teacher = make_teacher(nets)
-    fsdp = cfg.train.strategy == "fsdp" and info.distributed
-    if fsdp:
+    if fsdp:  # shard from host memory: no process ever holds two full models on its GPU
         D.shard_fsdp(nets, bf16=bf16)
         D.shard_fsdp(teacher, bf16=bf16)
+        nets.to(dev)  # fully_shard already moved the shards; this moves anything left (buffers)
+        teacher.to(dev)
     if cfg.train.compile and dev.type == "cuda":
         for blk in [*nets.backbone.blocks, *teacher.backbone.blocks]:
             blk.compile()
