@@ -385,3 +385,31 @@ def test_cuda_bf16_run(data_dir, tmp_path, extra):
     assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
     bb = load_backbone(res.exported["dinoapp"])
     assert torch.isfinite(bb(torch.rand(1, 3, 64, 64))).all()
+
+
+def test_continued_pretraining_starts_from_the_file(data_dir, tmp_path, tiny_meta_file, tiny_sd):
+    """Student and teacher start from a checkpoint file's weights (mask token included) with fresh
+    heads; in stage 1 only the heads move; in stage 2 CLS/mask tokens stay frozen; 4 input bands."""
+    ov = [*QUIET, f"model.backbone={tiny_meta_file}", "model.arch_overrides={}", "train.steps=4",
+          "train.freeze_backbone_steps=2", "train.unfreeze_ramp_steps=1", "train.freeze_tokens=true",
+          "run.ckpt_every=1", "run.keep_last=5", "model.drop_path=0.1"]  # fmt: skip
+    run = tmp_path / "run"
+    res = pretrain("cpu-smoke", run, data=data_dir, overrides=ov)
+    states = {s: runstate.load_checkpoint(p) for s, p in runstate.list_checkpoints(run)}
+    for who in ("student", "teacher"):
+        st = states[3][who]  # steps 0-1 frozen, step 2 starts the ramp at 0
+        torch.testing.assert_close(st["backbone.mask_token"], tiny_sd["mask_token"].reshape(1, -1))
+        torch.testing.assert_close(st["backbone.vit.blocks.1.attn.qkv.weight"], tiny_sd["blocks.1.attn.qkv.weight"])
+    final = states[4]["student"]
+    assert not torch.equal(final["backbone.vit.blocks.1.attn.qkv.weight"], tiny_sd["blocks.1.attn.qkv.weight"])
+    torch.testing.assert_close(final["backbone.mask_token"], tiny_sd["mask_token"].reshape(1, -1))
+    torch.testing.assert_close(final["backbone.vit.cls_token"], tiny_sd["cls_token"])
+    assert load_backbone(res.exported["dinoapp"]).n_blocks == 4
+    # extra input bands for multispectral data: the 4-band Sentinel-2 / aerial files train as they are
+    res4 = pretrain("cpu-smoke", tmp_path / "four", data=data_dir,
+                    overrides=[*QUIET[:1], "model.in_chans=4", "data.bands=[1,2,3,4]", "train.steps=2",
+                               f"model.backbone={tiny_meta_file}", "model.arch_overrides={}"])  # fmt: skip
+    bb4 = load_backbone(res4.exported["dinoapp"])
+    assert bb4.in_chans == 4 and len(bb4.mean) == 4
+    errors = (tmp_path / "four" / "errors.jsonl").read_text()
+    assert "landsat" in errors and "astronaut" in errors  # 3-band files cannot feed a 4-band model: skipped
