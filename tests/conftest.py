@@ -82,6 +82,16 @@ def tiny_meta_file(tmp_path_factory, tiny_sd) -> str:
 
 
 @pytest.fixture
+def one_thread():
+    """Run with 1 intra-op thread, as augmentation does in DataLoader workers (many tiny ops are slow
+    with idle threads to wake)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def images() -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     return torch.rand(2, 3, 64, 80, generator=g)

@@ -17,13 +17,7 @@ MEAN3, STD3 = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 NONE = AugmentParams()  # no photometric or geometric augmentation
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Augmentation runs in DataLoader workers with 1 thread; many tiny ops are slow with idle threads to wake."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in DataLoader workers
 
 
 def gen(seed: int) -> torch.Generator:

@@ -30,12 +30,7 @@ from tests.geo_factory import make_geotiff, smooth_bands  # noqa: E402
 MEAN3, STD3 = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in DataLoader workers
 
 
 def small_multicrop(params="rgb", mean=MEAN3, std=STD3, n_local=2) -> MultiCrop:
