@@ -11,6 +11,10 @@ Per crop, in order: RandomResizedCrop (crop first, then one bicubic antialiased 
 90-degree rotations, colour jitter + grayscale (or the medical intensity jitter), Gaussian blur,
 solarize (global crop 2 only), normalisation. All operations run on the small output crop.
 
+Gram anchoring's high-resolution trick (spec, section 3): with ``gram_size`` set, each global crop
+also comes as a *Gram crop*, the same box with the same flips and rotation resized to ``gram_size``
+(e.g. 2x the global size), with no colour, intensity, blur or solarize operation, normalised alike.
+
 All randomness comes from the ``torch.Generator`` passed to :meth:`MultiCrop.__call__`, so the crops
 are a pure function of its seed (identical for any number of DataLoader workers).
 """
@@ -18,6 +22,7 @@ are a pure function of its seed (identical for any number of DataLoader workers)
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -177,11 +182,58 @@ def crop_params(
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """The geometric part of one crop: a box ``(top, left, height, width)`` in the source image, then
+    (after resizing) a horizontal flip, a vertical flip and ``rot90`` counter-clockwise quarter turns."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    hflip: bool = False
+    vflip: bool = False
+    rot90: int = 0
+
+
+def sample_geometry(
+    h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float], params: AugmentParams, g: torch.Generator
+) -> CropGeometry:
+    """Draw one crop's geometry from ``g``: the box (:func:`crop_params`), then a flip decision for each
+    enabled flip and a quarter-turn count when ``params.rot90``, in that order."""
+    top, left, ch, cw = crop_params(h, w, scale, ratio, g)
+    hflip = bool(params.hflip) and _rand(g) < params.hflip
+    vflip = bool(params.vflip) and _rand(g) < params.vflip
+    rot = _randint(g, 4) if params.rot90 else 0
+    return CropGeometry(top, left, ch, cw, hflip, vflip, rot)
+
+
+def apply_geometry(image: torch.Tensor, geom: CropGeometry, size: int) -> torch.Tensor:
+    """Cut ``geom``'s box from ``image`` [C, H, W], resize it to [C, size, size] (bicubic, antialiased,
+    clamped to [0, 1]; skipped when the box already has that size), then flip and rotate."""
+    x = image[:, geom.top : geom.top + geom.height, geom.left : geom.left + geom.width]  # [C, h, w] view
+    if (geom.height, geom.width) != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+        x = x.clamp_(0.0, 1.0)  # [C, size, size]
+    if geom.hflip:
+        x = x.flip(-1)
+    if geom.vflip:
+        x = x.flip(-2)
+    if geom.rot90:
+        x = torch.rot90(x, geom.rot90, dims=(-2, -1))
+    return x  # [C, size, size]
+
+
 class MultiCrop:
     """``image [C, H, W] in [0, 1] -> {"global": [2, C, g, g], "local": [n_local, C, l, l]}``, normalised.
 
     ``params``: an :class:`AugmentParams` or a preset name. ``mean``/``std``: the backbone's per-channel
     normalisation (one value per input channel). ``ratio``: RandomResizedCrop's aspect-ratio range.
+
+    ``gram_size``: also return ``"gram": [2, C, G, G]``, each global crop's box with its flips and
+    rotation resized to ``G = gram_size`` with no photometric operation, for a high-resolution Gram
+    teacher (spec, section 3: 2x the global size). It draws nothing from the generator, so the
+    global and local crops are the same with or without it. ``None`` (default): no Gram crops.
     """
 
     def __init__(
@@ -196,7 +248,12 @@ class MultiCrop:
         mean: Sequence[float],
         std: Sequence[float],
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        gram_size: int | None = None,
     ) -> None:
+        if gram_size is not None and (
+            isinstance(gram_size, bool) or not isinstance(gram_size, numbers.Integral) or gram_size < 1
+        ):
+            raise ConfigError(f"gram_size={gram_size!r}: give the Gram teacher's crop size in pixels (>= 1) or None")
         if global_size < 1 or local_size < 1 or n_local < 0:
             raise ConfigError(
                 f"crop sizes must be >= 1 px and n_local >= 0, got global_size={global_size}, "
@@ -211,6 +268,7 @@ class MultiCrop:
         self.global_size, self.local_size, self.n_local = int(global_size), int(local_size), int(n_local)
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.ratio = tuple(ratio)
+        self.gram_size = None if gram_size is None else int(gram_size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)  # [C, 1, 1]
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)  # [C, 1, 1]
 
@@ -228,33 +286,23 @@ class MultiCrop:
         g, n, p = self.global_size, self.local_size, self.params
         out_g = torch.empty(2, chans, g, g)  # [2, C, g, g]
         out_l = torch.empty(self.n_local, chans, n, n)  # [n_local, C, l, l]
+        geoms = []
         for k in range(2):
-            x = self._crop(image, g, self.global_scale, generator)
+            geoms.append(sample_geometry(image.shape[1], image.shape[2], self.global_scale, self.ratio, p, generator))
+            x = apply_geometry(image, geoms[k], g)  # [C, g, g]
             x = self._photometric(x, p.blur_p[k], p.solarize_p if k == 1 else 0.0, generator)
             torch.sub(x, self.mean, out=out_g[k]).div_(self.std)
         for k in range(self.n_local):
-            x = self._crop(image, n, self.local_scale, generator)
-            x = self._photometric(x, p.blur_p[2], 0.0, generator)
+            geom = sample_geometry(image.shape[1], image.shape[2], self.local_scale, self.ratio, p, generator)
+            x = self._photometric(apply_geometry(image, geom, n), p.blur_p[2], 0.0, generator)  # [C, l, l]
             torch.sub(x, self.mean, out=out_l[k]).div_(self.std)
-        return {"global": out_g, "local": out_l}
-
-    def _crop(self, image: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
-        """RandomResizedCrop (crop, then one bicubic antialiased resize, clamp to [0, 1]), flips, rot90."""
-        top, left, h, w = crop_params(image.shape[1], image.shape[2], scale, self.ratio, g)
-        x = image[:, top : top + h, left : left + w]  # [C, h, w] view
-        if (h, w) != (size, size):
-            x = F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
-            x = x.clamp_(0.0, 1.0)  # [C, size, size]
-        p = self.params
-        if p.hflip and _rand(g) < p.hflip:
-            x = x.flip(-1)
-        if p.vflip and _rand(g) < p.vflip:
-            x = x.flip(-2)
-        if p.rot90:
-            k = _randint(g, 4)
-            if k:
-                x = torch.rot90(x, k, dims=(-2, -1))
-        return x
+        out = {"global": out_g, "local": out_l}
+        if self.gram_size is not None:  # spec section 3: same geometry, no photometry, no random draw
+            s = self.gram_size
+            out["gram"] = torch.empty(2, chans, s, s)  # [2, C, G, G]
+            for k in range(2):
+                torch.sub(apply_geometry(image, geoms[k], s), self.mean, out=out["gram"][k]).div_(self.std)
+        return out
 
     def _photometric(self, x: torch.Tensor, blur_p: float, solarize_p: float, g: torch.Generator) -> torch.Tensor:
         """Colour jitter, grayscale, intensity jitter, blur, solarize on one crop [C, s, s]."""

@@ -1,11 +1,11 @@
 """Pretraining configuration: typed dataclasses, YAML presets shipped in the package, dotted overrides.
 
 A run is described by one :class:`PretrainConfig` (sections ``model``, ``data``, ``loss``, ``optim``,
-``train``, ``run``). :func:`load_config` starts from a preset name (``cpu-smoke``, ...) or a YAML
+``train``, ``run``, ``gram``, ``monitor``). :func:`load_config` starts from a preset name (``cpu-smoke``, ...) or a YAML
 file and applies ``section.key=value`` overrides; unknown keys and wrong types raise
 :class:`~dinoapp.errors.ConfigError` naming the key. The resolved config is saved in the run folder
 (``config.yaml``), so a run can be resumed or reproduced from the folder alone. Defaults are the
-DINOv3 spec, section 2; presets change what a smaller run needs (fewer prototypes, smaller crops).
+DINOv3 spec, sections 2-3; presets change what a smaller run needs (fewer prototypes, smaller crops).
 
 Only the builders (:func:`dinoapp.ssl.train.pretrain`, the CLI) read these objects; everything
 below them takes explicit arguments.
@@ -121,6 +121,35 @@ class RunConfig:
 
 
 @dataclass
+class GramConfig:
+    """Gram anchoring (DINOv3 spec, section 3): match the student's patch-similarity (Gram) matrices
+    to those of a frozen Gram teacher from a healthier point of training."""
+
+    enabled: bool = False
+    weight: float = 2.0  # target weight (7B recipe 2.0; high-resolution adaptation 1.5)
+    start: int = 0  # first step of the Gram phase (weight 0 before)
+    ramp_steps: int = 0  # cosine ramp of the weight from 0 over these steps
+    teacher: str = "ema"  # "ema": copy of the EMA teacher at `start`, refreshed; "init": the weights the run
+    #                       started from (domain adaptation); or a checkpoint path / name for load_backbone
+    refresh_every: int = 10000  # "ema" only: copy the EMA teacher again every this many steps ...
+    max_refreshes: int = 3  # ... at most this many times, then keep it fixed
+    remove_negatives: bool = False  # zero negative patch similarities on both sides (off in DINOv3)
+    highres: float = 1.0  # Gram teacher crop size / global crop size (2.0: same crop at 2x, no colour jitter)
+    dino_local_end: float = 1.0  # local-DINO weight multiplier reached at the last step (linear from `start`)
+
+
+@dataclass
+class MonitorConfig:
+    """Dense-feature health monitor on a fixed probe set of the run's own images."""
+
+    every: int = 0  # steps between measurements (0: off; also measured at every checkpoint when on)
+    n_probes: int = 8
+    size: int | None = None  # probe image size (None: data.global_size)
+    labels: str | None = None  # folder of label images named like probe images (<stem>.png): linear-probe mIoU
+    pca: bool = True  # a PCA map of probe image 0 at every checkpoint (run_dir/monitor/)
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +157,8 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -172,6 +203,14 @@ class PretrainConfig:
             _check(c.model.rope_rescale >= 1, "model.rope_rescale", ">= 1 or null", c.model.rope_rescale)
         for key in ("freeze_backbone_steps", "unfreeze_ramp_steps"):
             _check(getattr(c.train, key) >= 0, f"train.{key}", ">= 0", getattr(c.train, key))
+        g = c.gram
+        _check(g.weight >= 0, "gram.weight", ">= 0", g.weight)
+        _check(g.highres >= 1, "gram.highres", ">= 1 (the Gram teacher's crop size over the student's)", g.highres)
+        for key in ("start", "ramp_steps", "refresh_every", "max_refreshes"):
+            _check(getattr(g, key) >= 0, f"gram.{key}", ">= 0", getattr(g, key))
+        _check(0 <= g.dino_local_end <= 1, "gram.dino_local_end", "in [0, 1]", g.dino_local_end)
+        _check(c.monitor.every >= 0 and c.monitor.n_probes >= 1, "monitor.every / monitor.n_probes", ">= 0 / >= 1",
+               (c.monitor.every, c.monitor.n_probes))  # fmt: skip
         if c.data.aug:  # typed like every other key, and checked now rather than at the first batch
             from .augment import AugmentParams, augment_preset
 
@@ -220,7 +259,7 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: a config is a mapping of sections (model, data, loss, optim, train, run)")
+        raise ConfigError(f"{where}: a config is a mapping of sections ({', '.join(_fields(PretrainConfig))})")
     return data, where
 
 

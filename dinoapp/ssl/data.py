@@ -131,7 +131,10 @@ class SSLDataset(Dataset):
             raise InputError(f"none of the {n} files can be used for training (see the errors log); last: {last}")
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
         crops = self.multicrop(image, generator)
-        return {"global": crops["global"], "local": crops["local"], "index": int(index)}
+        item = {"global": crops["global"], "local": crops["local"], "index": int(index)}
+        if "gram" in crops:  # MultiCrop(gram_size=...): the high-resolution Gram teacher's crops
+            item["gram"] = crops["gram"]  # [2, C, G, G]
+        return item
 
     def _to_unit(self, arr: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
         name = meta.get("path", "this file")
@@ -161,12 +164,19 @@ class SSLDataset(Dataset):
 
 def collate_crops(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack items crop-major: ``global_crops [2, B, C, g, g]``, ``local_crops [n_local, B, C, l, l]``,
-    ``index [B]`` (the requested item indexes)."""
-    return {
+    ``index [B]`` (the requested item indexes), and ``gram_crops [2, B, C, G, G]`` when the items have
+    Gram crops (``MultiCrop(gram_size=...)``, spec section 3)."""
+    batch = {
         "global_crops": torch.stack([it["global"] for it in items], dim=1),  # [2, B, C, g, g]
         "local_crops": torch.stack([it["local"] for it in items], dim=1),  # [n_local, B, C, l, l]
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),  # [B]
     }
+    n_gram = sum("gram" in it for it in items)
+    if n_gram:
+        if n_gram != len(items):
+            raise InputError(f"collate_crops: {n_gram} of {len(items)} items have Gram crops; give all or none")
+        batch["gram_crops"] = torch.stack([it["gram"] for it in items], dim=1)  # [2, B, C, G, G]
+    return batch
 
 
 def _worker_init(_worker_id: int) -> None:

@@ -33,6 +33,7 @@ class SSLNetworks(nn.Module):
         self.dino_head = dino_head
         self.ibot_head = ibot_head
         self.backbone_frozen = False  # stage 1 of continued pretraining: no backbone graph at all
+        self.keep_patches = False  # also return the global crops' patch tokens (Gram anchoring)
 
     def forward(
         self,
@@ -49,6 +50,8 @@ class SSLNetworks(nn.Module):
         out = {"cls_global": cls_g, "dino_global": self.dino_head(cls_g)}  # [G*B, K]
         if cls_l is not None:
             out["dino_local"] = self.dino_head(cls_l)  # [L*B, K]
+        if self.keep_patches:
+            out["patches_global"] = g["x_norm_patchtokens"].contiguous()  # [G*B, h*w, D] (masked crops, spec s. 3)
         if masks is not None:
             out["ibot"] = self.ibot_head(g["x_norm_patchtokens"][masks])  # [M, K']
         return out
@@ -98,9 +101,11 @@ def ssl_loss(
     ibot_weight: float = 1.0,
     koleo_weight: float = 0.1,
     koleo_gather: bool = True,
+    dino_local_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """DINO (local 16/18, global 2/18 of the pair count) + iBOT + KoLeo (spec section 2) ->
-    ``{"loss": total, "dino_local", "dino_global", "ibot", "koleo"}`` (parts unweighted)."""
+    ``{"loss": total, "dino_local", "dino_global", "ibot", "koleo"}`` (parts unweighted).
+    ``dino_local_scale`` multiplies the local DINO weight (optionally decayed in a Gram phase)."""
     t = targets["dino"]  # [G, B, K]
     B, K = t.shape[1], t.shape[2]
     w_local, w_global = dino_term_weights(n_global, n_local)
@@ -112,7 +117,7 @@ def ssl_loss(
         parts["dino_local"] = dino_loss(student["dino_local"].reshape(n_local, B, K), t, student_temp)
     else:
         parts["dino_local"] = zero
-    total = dino_weight * (w_local * parts["dino_local"] + w_global * parts["dino_global"])
+    total = dino_weight * (dino_local_scale * w_local * parts["dino_local"] + w_global * parts["dino_global"])
     if masks is not None and "ibot" in student:
         parts["ibot"] = ibot_loss(student["ibot"], targets["ibot"], masks, student_temp)
         total = total + ibot_weight * parts["ibot"]

@@ -31,6 +31,7 @@ from ..errors import ConfigError, DinoappError
 from . import dist as D
 from . import runstate
 from .config import PretrainConfig, load_config
+from .gram import GramLoss, dino_local_scale, gram_copy_steps, gram_weight, resize_patch_grid
 from .model import SSLNetworks, collapse_stats, ema_update, make_teacher, ssl_loss, teacher_targets
 from .optim import build_optimizer, param_groups, set_lr_wd
 from .schedules import cosine, linear_warmup, ramp, warmup_constant, warmup_cosine
@@ -114,8 +115,11 @@ def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path, 
         import dataclasses
 
         params = dataclasses.replace(params, **d.aug)
+    extra = {}
+    if cfg.gram.enabled and cfg.gram.highres > 1:  # the Gram teacher sees the same crop, larger, without colour
+        extra["gram_size"] = int(round(d.global_size * cfg.gram.highres))
     mc = MultiCrop(global_size=d.global_size, local_size=d.local_size, n_local=d.n_local, global_scale=d.global_scale,
-                   local_scale=d.local_scale, params=params, mean=mean, std=std)  # fmt: skip
+                   local_scale=d.local_scale, params=params, mean=mean, std=std, **extra)  # fmt: skip
     return SSLDataset(src, mc, in_chans=in_chans, seed=cfg.train.seed)
 
 
@@ -135,7 +139,8 @@ def stage_requires_grad(nets: SSLNetworks, *, backbone_frozen: bool, freeze_toke
 
 
 # Settings a resumed run may change; anything else would silently change what is trained.
-RESUME_MAY_CHANGE = ("train.steps", "train.nan_patience", "data.path", "data.num_workers", "run.")
+RESUME_MAY_CHANGE = ("train.steps", "train.nan_patience", "data.path", "data.num_workers", "run.", "monitor.",
+                     "gram.")  # fmt: skip  # e.g. continue a run with Gram anchoring
 
 
 def check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> None:
@@ -163,7 +168,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def schedule_values(cfg: PretrainConfig, step: int) -> dict[str, float]:
     """Every scheduled value at ``step`` (pure function of the config; spec section 2)."""
-    o, t, lo = cfg.optim, cfg.train, cfg.loss
+    o, t, lo, g = cfg.optim, cfg.train, cfg.loss, cfg.gram
     head_lr = o.head_lr if o.head_lr is not None else o.lr
     if o.schedule == "cosine":
         lr = warmup_cosine(step, t.steps, o.lr, o.min_lr, o.warmup_steps)
@@ -179,6 +184,9 @@ def schedule_values(cfg: PretrainConfig, step: int) -> dict[str, float]:
         "momentum": cosine(step, t.steps, o.ema_momentum, o.ema_momentum_end),
         "teacher_temp": linear_warmup(step, lo.teacher_temp_warmup_steps, lo.teacher_temp_start, lo.teacher_temp),
         "freeze_last_layer": float(step < o.freeze_last_layer_steps),
+        "gram_weight": gram_weight(step, start=g.start, ramp_steps=g.ramp_steps, weight=g.weight) if g.enabled else 0.0,
+        "dino_local_scale": (dino_local_scale(step, start=g.start, steps_total=t.steps, end_scale=g.dino_local_end)
+                             if g.enabled else 1.0),  # fmt: skip
     }
 
 
@@ -306,6 +314,8 @@ class Engine:
     nan_run: int = 0
     student: nn.Module | None = None  # nets, or its DDP wrapper for the current stage
     stage_frozen: bool | None = None
+    gram_teacher: nn.Module | None = None  # frozen DinoBackbone (eval) once the Gram phase needs it
+    gram_copies: int = 0  # copies of the EMA teacher taken into the Gram teacher so far ("ema" source)
 
     @property
     def use_ibot(self) -> bool:
@@ -343,16 +353,23 @@ class Engine:
                            sample_prob=cfg.loss.mask_sample_prob)  # fmt: skip  # [G*B, h*w]: the global batch
             m = m.reshape(G, B, h * w)[:, info.rank * b : (info.rank + 1) * b]
             masks = m.reshape(G * b, h * w).to(dev)  # this process's images
+        gram_w = self._gram_prepare(step, sv)
+        self.nets.keep_patches = gram_w > 0
         with autocast_context(dev, cfg.train.precision):
             targets = teacher_targets(self.teacher, gc, masks, n_global=G, temp=sv["teacher_temp"],
                                       sk_iters=cfg.loss.sk_iters)  # fmt: skip
+            if gram_w > 0:
+                targets["gram"] = self._gram_targets(batch, gc)  # [G*b, h*w, D_gram]
             out = self.student(gc, lc, masks)
         if self.fsdp:  # a teacher root stays gathered after a forward without backward: shard it again
             D.reshard(self.teacher)
         lo = cfg.loss
         losses = ssl_loss(out, targets, masks, n_global=G, n_local=L, student_temp=lo.student_temp,
                           dino_weight=lo.dino_weight, ibot_weight=lo.ibot_weight, koleo_weight=lo.koleo_weight,
-                          koleo_gather=lo.koleo_across_processes)  # fmt: skip
+                          koleo_gather=lo.koleo_across_processes, dino_local_scale=sv["dino_local_scale"])  # fmt: skip
+        if gram_w > 0:
+            losses["gram"] = GramLoss(cfg.gram.remove_negatives)(out["patches_global"], targets["gram"])
+            losses["loss"] = losses["loss"] + gram_w * losses["gram"]
         loss = losses["loss"]
         ok = D.all_true(bool(torch.isfinite(loss).item()), dev)
         grad_norm = float("nan")
@@ -376,6 +393,32 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return {"losses": losses, "targets": targets, "out": out, "ok": ok, "grad_norm": grad_norm, "sv": sv}
 
+    # --- Gram anchoring (DINOv3 spec, section 3) ----------------------------------------------------
+    def _gram_prepare(self, step: int, sv: dict[str, float]) -> float:
+        """The Gram weight at ``step``; takes (or refreshes) the Gram teacher when it is due."""
+        g = self.cfg.gram
+        if not g.enabled:
+            return 0.0
+        if g.teacher == "ema" and step >= g.start:
+            due = [s for s in gram_copy_steps(g.start, g.refresh_every, g.max_refreshes) if s <= step]
+            if self.gram_teacher is None or len(due) > self.gram_copies:  # (a resume restores both)
+                self.gram_teacher = frozen_backbone_copy(self.teacher, self.info.device)
+                self.gram_copies = len(due)
+                if self.info.is_main:
+                    log.info("step %d: Gram teacher = copy %d of the EMA teacher", step + 1, self.gram_copies)
+        return sv["gram_weight"]
+
+    @torch.no_grad()
+    def _gram_targets(self, batch: dict[str, torch.Tensor], gc: torch.Tensor) -> torch.Tensor:
+        """Gram-teacher patch features of the clean (hi-res) global crops on the student's grid."""
+        if self.gram_teacher is None:
+            raise ConfigError("gram.enabled with no Gram teacher: set gram.teacher to ema, init or a checkpoint")
+        x = batch["gram_crops"].to(gc.device).flatten(0, 1) if "gram_crops" in batch else gc  # [G*b, C, H', W']
+        p = self.nets.backbone.patch_size
+        ft = self.gram_teacher.forward_features(x)["x_norm_patchtokens"].float()  # [G*b, h'*w', D_t]
+        tp = self.gram_teacher.patch_size
+        return resize_patch_grid(ft, (x.shape[-2] // tp, x.shape[-1] // tp), (gc.shape[-2] // p, gc.shape[-1] // p))
+
     def state(self) -> dict[str, Any] | None:
         """Checkpoint contents (a collective under FSDP2: call on every process); None on ranks > 0
         when nothing is sharded (rank 0 holds everything)."""
@@ -387,6 +430,8 @@ class Engine:
             "optimizer": _optimizer_state(self.optimizer, self.nets, self.fsdp),
             "rng": runstate.rng_state(),
             "nan_run": self.nan_run,
+            "gram_teacher": None if self.gram_teacher is None else full_state_dict(self.gram_teacher),
+            "gram_copies": self.gram_copies,
             "config": self.cfg.to_dict(),
             "world_size": self.info.world_size,
         }
@@ -396,6 +441,11 @@ class Engine:
         load_full_state_dict(self.teacher, state["teacher"])
         _load_optimizer(self.optimizer, self.nets, state["optimizer"], self.fsdp)
         self.nan_run = int(state.get("nan_run", 0))
+        self.gram_copies = int(state.get("gram_copies", 0))
+        if state.get("gram_teacher") is not None:  # the anchor of a Gram phase in progress
+            if self.gram_teacher is None:
+                self.gram_teacher = frozen_backbone_copy(self.teacher, self.info.device)
+            self.gram_teacher.load_state_dict(state["gram_teacher"])
         runstate.set_rng_state(state["rng"])
         return int(state["step"])
 
@@ -426,7 +476,26 @@ def build_engine(cfg: PretrainConfig, info: D.DistInfo) -> Engine:
     parts = {"backbone": nets.backbone, "dino_head": nets.dino_head, "ibot_head": nets.ibot_head}
     groups = param_groups(parts, layer_decay=cfg.optim.layer_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult)
     optimizer = build_optimizer(groups, betas=cfg.optim.betas, fused=True if dev.type == "cuda" else None)
-    return Engine(cfg, info, nets, teacher, optimizer, fsdp)
+    eng = Engine(cfg, info, nets, teacher, optimizer, fsdp)
+    if cfg.gram.enabled and cfg.gram.teacher == "init":  # the weights the run starts from (domain adaptation)
+        eng.gram_teacher = frozen_backbone_copy(teacher, dev)
+    elif cfg.gram.enabled and cfg.gram.teacher != "ema":  # a fixed checkpoint (e.g. a Gram-anchored one)
+        from ..loading import load_backbone
+
+        gt = load_backbone(cfg.gram.teacher, device=dev)
+        if gt.patch_size != nets.backbone.patch_size:
+            raise ConfigError(f"gram.teacher has patch size {gt.patch_size}, the model {nets.backbone.patch_size}")
+        eng.gram_teacher = gt.requires_grad_(False).eval()
+    return eng
+
+
+def frozen_backbone_copy(nets: SSLNetworks, device: torch.device):
+    """A plain (unsharded) frozen eval copy of ``nets.backbone`` (a collective under FSDP2)."""
+    sd = {k.removeprefix("backbone."): v for k, v in full_state_dict(nets).items() if k.startswith("backbone.")}
+    src = nets.backbone
+    bb = type(src)(src.arch, mean=src.mean, std=src.std, provenance=dict(src.provenance))
+    bb.load_state_dict(sd)
+    return bb.to(device).requires_grad_(False).eval()
 
 
 def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop_after) -> RunResult:
@@ -470,6 +539,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
     metrics = None
     if info.is_main:
         metrics = runstate.MetricsWriter(run_dir, start_step=start, tensorboard=cfg.run.tensorboard)
+    monitor = build_monitor(cfg, eng, ds, run_dir) if cfg.monitor.every > 0 else None
 
     stop = {"flag": False}
     old_handlers = _install_signal_handlers(stop)
@@ -494,14 +564,18 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
         while step < end and not D.any_true(stop["flag"], info.device):  # every rank stops at the same step
             r = eng.step(step, next(it))
             step += 1
-            if step % cfg.run.log_every == 0 or step == end:
+            dense: dict[str, float] = {}
+            measured = monitor is not None and (step % cfg.monitor.every == 0 or step == end)
+            if measured:
+                dense = run_monitor(monitor, eng, step, render=step % cfg.run.ckpt_every == 0 or step == end)
+            if step % cfg.run.log_every == 0 or step == end or measured:
                 now = time.perf_counter()
                 row = {k: float(v.detach()) for k, v in r["losses"].items()}
                 row.update(collapse_stats(r["targets"], r["out"]))
                 row = D.mean_scalars(row, info.device)
                 row.update({k: v for k, v in r["sv"].items() if k != "freeze_last_layer"})
                 ips = cfg.train.batch_size * cfg.run.log_every / max(now - t_last, 1e-9)
-                row.update({"grad_norm": r["grad_norm"], "skipped": int(not r["ok"]), "img_per_s": ips})
+                row.update({"grad_norm": r["grad_norm"], "skipped": int(not r["ok"]), "img_per_s": ips, **dense})
                 t_last = now
                 last = {"step": step, **row}
                 if metrics is not None:
@@ -532,6 +606,40 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
             progress.close()
         if metrics is not None:
             metrics.close()
+
+
+def build_monitor(cfg: PretrainConfig, eng: Engine, ds, run_dir: Path):
+    """The dense-feature health monitor on ``monitor.n_probes`` fixed images of the run's own data.
+    Its anchor is the fixed Gram teacher when there is one, else the weights the run started from."""
+    from .monitor import DenseMonitor, probe_batch
+
+    bb = eng.nets.backbone
+    size = cfg.monitor.size or cfg.data.global_size
+    size = max(bb.patch_size, size - size % bb.patch_size)
+    probes, paths = probe_batch(ds.source, cfg.monitor.n_probes, size, bb.mean, bb.std, return_paths=True)
+    labels = None
+    if cfg.monitor.labels:
+        from .monitor import probe_labels
+
+        labels = probe_labels(paths, size, cfg.monitor.labels)  # [P, size, size]
+    fixed = cfg.gram.enabled and cfg.gram.teacher != "ema"
+    anchor = eng.gram_teacher if fixed else frozen_backbone_copy(eng.teacher, eng.info.device)
+    writes = eng.info.is_main
+    return DenseMonitor(probes, labels=labels, anchor=anchor, out_dir=run_dir if writes else None)
+
+
+def run_monitor(monitor, eng: Engine, step: int, *, render: bool) -> dict[str, float]:
+    """Measure the teacher's dense features (every process under FSDP2, where the forward is a
+    collective; rank 0 otherwise) and, at checkpoints, render the PCA map (rank 0 writes)."""
+    if not (eng.fsdp or eng.info.is_main):
+        return {}  # rows are written by rank 0
+    bb = eng.teacher.backbone
+    out = monitor.measure(bb, step)
+    if render and eng.cfg.monitor.pca:
+        monitor.render_pca(bb, step)
+    if eng.fsdp:
+        D.reshard(eng.teacher)
+    return out
 
 
 def _clip(nets: nn.Module, max_norm: float | None) -> float:
