@@ -5,7 +5,8 @@ DINO loss (teacher softmax with centering, no Sinkhorn-Knopp), one AdamW param g
 clipping and an EMA teacher. Our step is ``dinoapp.ssl.train.Engine.step`` (schedules, parameter
 groups, masks, Sinkhorn-Knopp, NaN guard, ...), timed twice: with the same objective as the
 baseline (iBOT and KoLeo weights 0: the engine's overhead) and with the full DINO + iBOT + KoLeo
-objective (what a real run costs). Steps alternate between the variants so machine noise hits all.
+objective (what a real run costs), and with Gram anchoring on top (a fixed Gram teacher that sees the
+same crops at 2x). Steps alternate between the variants so machine noise hits all.
 
     python benchmarks/train_step.py                 # tiny and ViT-S on this machine (CPU: fp32)
     python benchmarks/train_step.py --models vits16 --batch 32 --global-size 224 --local-size 96 --n-local 8
@@ -128,16 +129,22 @@ def run(model: str, args, dev: torch.device) -> dict:
     }
     info = D.DistInfo(device=dev)
     variants = {}
+    gram = {"gram.enabled": True, "gram.teacher": "init", "gram.weight": 2.0, "gram.highres": 2.0}
     for name, extra in (("ours (DINO only)", {"loss.ibot_weight": 0.0, "loss.koleo_weight": 0.0}),
-                        ("ours (DINO+iBOT+KoLeo)", {})):  # fmt: skip
+                        ("ours (DINO+iBOT+KoLeo)", {}),
+                        ("ours + Gram (2x crops)", gram)):  # fmt: skip
         cfg = load_config("cpu-smoke", {**overrides, **extra})
         variants[name] = build_engine(cfg, info)
     base = Baseline(variants["ours (DINO only)"].nets, dev, fused=True if dev.type == "cuda" else None)
     batches = crops(4, args.batch, 3, args.global_size, args.local_size, args.n_local)
+    gen = torch.Generator().manual_seed(1)
+    gram_batches = [{**b, "gram_crops": torch.randn(2, args.batch, 3, 2 * args.global_size, 2 * args.global_size,
+                                                    generator=gen)} for b in batches]  # fmt: skip
     prec = "bf16" if (args.precision == "bf16" or (args.precision == "auto" and dev.type == "cuda")) else "fp32"
     fns = {"baseline (plain DINO)": lambda i: base.step(batches[i % 4], prec)}
     for name, eng in variants.items():
-        fns[name] = lambda i, eng=eng: eng.step(i, batches[i % 4])
+        data = gram_batches if "Gram" in name else batches
+        fns[name] = lambda i, eng=eng, data=data: eng.step(i, data[i % 4])
     times = {k: [] for k in fns}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

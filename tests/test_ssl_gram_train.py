@@ -117,3 +117,16 @@ def test_cpu_smoke_with_gram_and_monitor(data_dir, tmp_path):  # noqa: F811
     pics = sorted(p.name for p in (run / "monitor").glob("pca_step*.png"))
     assert pics == ["pca_step00000010.png", "pca_step00000020.png", "pca_step00000030.png"]
     assert "gram" in rows[-1] and res.exported
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_with_gram_and_monitor(data_dir, tmp_path):  # noqa: F811
+    """FSDP2 with an EMA Gram teacher (copied collectively) and the monitor (gathered teacher): no deadlock."""
+    from tests.test_ssl_train import _torchrun
+
+    run = tmp_path / "run"
+    _torchrun(2, ["--config", "cpu-smoke", "--data", str(data_dir), "--out", str(run), *GRAM, "train.steps=6",
+                  "gram.start=2", "monitor.every=3", "train.strategy=fsdp"])  # fmt: skip
+    rows = _rows(run)
+    assert len(rows) == 6 and "gram" in rows[-1] and "dense_locality" in rows[2]
+    assert _final_state(run)["gram_copies"] == 1  # copies due at step indices 2 and 6: 6 is past the end

@@ -539,7 +539,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
     metrics = None
     if info.is_main:
         metrics = runstate.MetricsWriter(run_dir, start_step=start, tensorboard=cfg.run.tensorboard)
-    monitor = build_monitor(cfg, eng, ds, run_dir) if cfg.monitor.every > 0 else None
+    monitor = build_monitor(cfg, eng, ds, run_dir) if cfg.monitor.every > 0 else None  # None on ranks > 0
 
     stop = {"flag": False}
     old_handlers = _install_signal_handlers(stop)
@@ -565,7 +565,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
             r = eng.step(step, next(it))
             step += 1
             dense: dict[str, float] = {}
-            measured = monitor is not None and (step % cfg.monitor.every == 0 or step == end)
+            measured = cfg.monitor.every > 0 and (step % cfg.monitor.every == 0 or step == end)  # same on all ranks
             if measured:
                 dense = run_monitor(monitor, eng, step, render=step % cfg.run.ckpt_every == 0 or step == end)
             if step % cfg.run.log_every == 0 or step == end or measured:
@@ -623,22 +623,21 @@ def build_monitor(cfg: PretrainConfig, eng: Engine, ds, run_dir: Path):
 
         labels = probe_labels(paths, size, cfg.monitor.labels)  # [P, size, size]
     fixed = cfg.gram.enabled and cfg.gram.teacher != "ema"
-    anchor = eng.gram_teacher if fixed else frozen_backbone_copy(eng.teacher, eng.info.device)
-    writes = eng.info.is_main
-    return DenseMonitor(probes, labels=labels, anchor=anchor, out_dir=run_dir if writes else None)
+    anchor = eng.gram_teacher if fixed else frozen_backbone_copy(eng.teacher, eng.info.device)  # collective (FSDP2)
+    if not eng.info.is_main:
+        return None  # rank 0 measures and writes
+    return DenseMonitor(probes, labels=labels, anchor=anchor, out_dir=run_dir)
 
 
 def run_monitor(monitor, eng: Engine, step: int, *, render: bool) -> dict[str, float]:
-    """Measure the teacher's dense features (every process under FSDP2, where the forward is a
-    collective; rank 0 otherwise) and, at checkpoints, render the PCA map (rank 0 writes)."""
-    if not (eng.fsdp or eng.info.is_main):
-        return {}  # rows are written by rank 0
-    bb = eng.teacher.backbone
+    """Measure the teacher's dense features on rank 0 and, at checkpoints, render the PCA map. Under
+    FSDP2 every process first takes part in gathering a plain copy of the teacher backbone."""
+    bb = frozen_backbone_copy(eng.teacher, eng.info.device) if eng.fsdp else eng.teacher.backbone
+    if monitor is None:
+        return {}
     out = monitor.measure(bb, step)
     if render and eng.cfg.monitor.pca:
         monitor.render_pca(bb, step)
-    if eng.fsdp:
-        D.reshard(eng.teacher)
     return out
 
 
