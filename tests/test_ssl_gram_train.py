@@ -130,3 +130,20 @@ def test_torchrun_fsdp_with_gram_and_monitor(data_dir, tmp_path):  # noqa: F811
     rows = _rows(run)
     assert len(rows) == 6 and "gram" in rows[-1] and "dense_locality" in rows[2]
     assert _final_state(run)["gram_copies"] == 1  # copies due at step indices 2 and 6: 6 is past the end
+
+
+def test_mixed_global_crop_sizes(data_dir, tmp_path):  # noqa: F811
+    """data.global_sizes: one global size per step (the same on every rank), masks and Gram crops follow."""
+    from dinoapp.ssl.data import StepBatchSampler, step_variant
+
+    variants = [step_variant(0, s, 2) for s in range(40)]
+    assert set(variants[:6]) == {0, 1}  # the 6-step run below uses both sizes
+    for rank in (0, 1):
+        keys = list(StepBatchSampler(10, 4, 0, total_steps=3, rank=rank, world_size=2, n_variants=2))
+        assert [k[0][2] for k in keys] == variants[:3] and all(len({x[2] for x in k}) == 1 for k in keys)
+    run = tmp_path / "run"
+    res = pretrain("cpu-smoke", run, data=data_dir, overrides=[*QUIET, "train.steps=6", "data.global_sizes=[48, 64]",
+                                                                "gram.enabled=true", "gram.teacher=init",
+                                                                "gram.highres=2"])  # fmt: skip
+    assert res.step == 6 and all(math.isfinite(r["loss"]) and "gram" in r for r in _rows(run))
+    assert load_config(run / "config.yaml").data.global_sizes == [48, 64]

@@ -48,6 +48,7 @@ class DataConfig:
     domain: str = "rgb"  # augmentation preset: rgb | satellite | medical
     aug: dict[str, Any] = field(default_factory=dict)  # overrides of AugmentParams fields, e.g. {hflip: 0.0}
     global_size: int = 224
+    global_sizes: list[int] | None = None  # mixed global crop sizes, one drawn per step (e.g. [512, 768])
     local_size: int = 96
     n_local: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
@@ -186,6 +187,9 @@ class PretrainConfig:
                        ("loss.sk_iters", c.loss.sk_iters), ("train.nan_patience", c.train.nan_patience)):  # fmt: skip
             _check(v >= 1, key, "a positive integer", v)
         _check(c.data.n_local >= 0, "data.n_local", ">= 0", c.data.n_local)
+        if c.data.global_sizes is not None:
+            _check(len(c.data.global_sizes) >= 1 and all(s >= 1 for s in c.data.global_sizes), "data.global_sizes",
+                   "a list of positive sizes or null", c.data.global_sizes)  # fmt: skip
         _check(c.train.batch_size >= 2, "train.batch_size", ">= 2 (KoLeo and Sinkhorn-Knopp need a batch)",
                c.train.batch_size)  # fmt: skip
         for key, (lo, hi) in (("data.global_scale", c.data.global_scale), ("data.local_scale", c.data.local_scale),

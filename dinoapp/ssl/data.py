@@ -69,6 +69,7 @@ class StepBatchSampler:
         total_steps: int,
         rank: int = 0,
         world_size: int = 1,
+        n_variants: int = 1,
     ) -> None:
         if n_items < 1:
             raise ConfigError("the dataset is empty: no images to pretrain on")
@@ -85,14 +86,24 @@ class StepBatchSampler:
         self.start_step, self.total_steps = start_step, total_steps
         self.rank, self.world_size = rank, world_size
         self.local_batch = global_batch // world_size
+        self.n_variants = int(n_variants)
 
     def __len__(self) -> int:
         return self.total_steps - self.start_step
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         lo = self.rank * self.local_batch
         for step in range(self.start_step, self.total_steps):
-            yield batch_plan(step, self.global_batch, self.n_items, self.seed)[lo : lo + self.local_batch]
+            keys = batch_plan(step, self.global_batch, self.n_items, self.seed)[lo : lo + self.local_batch]
+            if self.n_variants > 1:  # e.g. mixed global crop sizes: one per step, the same on every rank
+                v = step_variant(self.seed, step, self.n_variants)
+                keys = [(e, i, v) for e, i in keys]
+            yield keys
+
+
+def step_variant(seed: int, step: int, n_variants: int) -> int:
+    """Which of ``n_variants`` crop settings (e.g. global crop sizes 512 / 768) step ``step`` uses."""
+    return derive_seed(seed, step, 0x5EED) % n_variants
 
 
 class SSLDataset(Dataset):
@@ -105,14 +116,18 @@ class SSLDataset(Dataset):
     reader's fill value: use FolderDataset's ``window`` + ``min_valid`` for scenes with large nodata areas.
     """
 
-    def __init__(self, source: Any, multicrop: MultiCrop, *, in_chans: int, seed: int) -> None:
-        self.source, self.multicrop, self.in_chans, self.seed = source, multicrop, int(in_chans), int(seed)
+    def __init__(self, source: Any, multicrop: MultiCrop | Sequence[MultiCrop], *, in_chans: int, seed: int) -> None:
+        self.source, self.in_chans, self.seed = source, int(in_chans), int(seed)
+        # several MultiCrops = variants chosen per step by the sampler (keys (epoch, index, variant))
+        self.multicrops = list(multicrop) if isinstance(multicrop, (list, tuple)) else [multicrop]
+        self.multicrop = self.multicrops[0]
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
+        epoch, index = key[0], key[1]
+        multicrop = self.multicrops[key[2] if len(key) > 2 else 0]
         if hasattr(self.source, "epoch"):
             self.source.epoch = epoch
         n = len(self.source)
@@ -130,7 +145,7 @@ class SSLDataset(Dataset):
         else:
             raise InputError(f"none of the {n} files can be used for training (see the errors log); last: {last}")
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
-        crops = self.multicrop(image, generator)
+        crops = multicrop(image, generator)
         item = {"global": crops["global"], "local": crops["local"], "index": int(index)}
         if "gram" in crops:  # MultiCrop(gram_size=...): the high-resolution Gram teacher's crops
             item["gram"] = crops["gram"]  # [2, C, G, G]

@@ -115,12 +115,15 @@ def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path, 
         import dataclasses
 
         params = dataclasses.replace(params, **d.aug)
-    extra = {}
-    if cfg.gram.enabled and cfg.gram.highres > 1:  # the Gram teacher sees the same crop, larger, without colour
-        extra["gram_size"] = int(round(d.global_size * cfg.gram.highres))
-    mc = MultiCrop(global_size=d.global_size, local_size=d.local_size, n_local=d.n_local, global_scale=d.global_scale,
-                   local_scale=d.local_scale, params=params, mean=mean, std=std, **extra)  # fmt: skip
-    return SSLDataset(src, mc, in_chans=in_chans, seed=cfg.train.seed)
+    crops = []
+    for size in d.global_sizes or [d.global_size]:  # mixed sizes: one MultiCrop per size, chosen per step
+        extra = {}
+        if cfg.gram.enabled and cfg.gram.highres > 1:  # the Gram teacher sees the same crop, larger, no colour
+            extra["gram_size"] = int(round(size * cfg.gram.highres))
+        crops.append(MultiCrop(global_size=size, local_size=d.local_size, n_local=d.n_local,
+                               global_scale=d.global_scale, local_scale=d.local_scale, params=params, mean=mean,
+                               std=std, **extra))  # fmt: skip
+    return SSLDataset(src, crops, in_chans=in_chans, seed=cfg.train.seed)
 
 
 def stage_requires_grad(nets: SSLNetworks, *, backbone_frozen: bool, freeze_tokens: bool, train_mask_token: bool):
@@ -534,7 +537,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
     from .data import StepBatchSampler, make_loader
 
     sampler = StepBatchSampler(len(ds), cfg.train.batch_size, cfg.train.seed, start_step=start,
-                               total_steps=cfg.train.steps, rank=info.rank, world_size=info.world_size)  # fmt: skip
+                               total_steps=cfg.train.steps, rank=info.rank, world_size=info.world_size,
+                               n_variants=len(cfg.data.global_sizes or [0]))  # fmt: skip
     loader = make_loader(ds, sampler, num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
     metrics = None
     if info.is_main:
