@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..backbone import DinoBackbone
 from ..errors import ConfigError, DinoappError
 from . import dist as D
 from . import runstate
@@ -213,7 +214,7 @@ def export_teacher(teacher: SSLNetworks, run_dir: Path, *, step: int, cfg: Pretr
     if not write:
         return {}
     src = teacher.backbone
-    bb = type(src)(src.arch, mean=src.mean, std=src.std, provenance=dict(src.provenance))
+    bb = DinoBackbone(src.arch, mean=src.mean, std=src.std, provenance=dict(src.provenance))  # plain, not FSDP
     bb.load_state_dict({k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")})
     bb.provenance.update({"source": str(run_dir), "trained_steps": step, "init": cfg.model.backbone,
                           "layout": "dinoapp", "sha256": None})  # fmt: skip
@@ -496,7 +497,7 @@ def frozen_backbone_copy(nets: SSLNetworks, device: torch.device):
     """A plain (unsharded) frozen eval copy of ``nets.backbone`` (a collective under FSDP2)."""
     sd = {k.removeprefix("backbone."): v for k, v in full_state_dict(nets).items() if k.startswith("backbone.")}
     src = nets.backbone
-    bb = type(src)(src.arch, mean=src.mean, std=src.std, provenance=dict(src.provenance))
+    bb = DinoBackbone(src.arch, mean=src.mean, std=src.std, provenance=dict(src.provenance))  # plain, not FSDP
     bb.load_state_dict(sd)
     return bb.to(device).requires_grad_(False).eval()
 
