@@ -1,6 +1,6 @@
 """What Gram anchoring does to dense features: the same continued-pretraining job with and without it.
 
-CPU-sized by default (a minute or three on 2 cores): the repo's 4-band Sentinel-2 and RGBN aerial samples
+CPU-sized by default (10-20 minutes on 2 cores): the repo's 4-band Sentinel-2 and RGBN aerial samples
 are cut into 64 px tiles (RGB PNGs to train on; vegetation labels from NDVI, a band the RGB model never
 sees, for the monitor's linear probe), a tiny ViT is pretrained from scratch on them (stage A), then
 training continues from that checkpoint twice (stage B): without Gram anchoring, and with the stage-A
