@@ -89,7 +89,7 @@ def build_networks(cfg: PretrainConfig) -> SSLNetworks:
     return SSLNetworks(bb, dino_head, ibot_head)
 
 
-def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path, rank: int = 0):
+def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path, rank: int = 0, patch: int = 16):
     from domains.datasets import FolderDataset
 
     from .augment import MultiCrop, augment_preset
@@ -120,7 +120,7 @@ def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path, 
     for size in d.global_sizes or [d.global_size]:  # mixed sizes: one MultiCrop per size, chosen per step
         extra = {}
         if cfg.gram.enabled and cfg.gram.highres > 1:  # the Gram teacher sees the same crop, larger, no colour
-            extra["gram_size"] = int(round(size * cfg.gram.highres))
+            extra["gram_size"] = max(patch, int(round(size * cfg.gram.highres / patch)) * patch)  # whole patches
         crops.append(MultiCrop(global_size=size, local_size=d.local_size, n_local=d.n_local,
                                global_scale=d.global_scale, local_scale=d.local_scale, params=params, mean=mean,
                                std=std, **extra))  # fmt: skip
@@ -320,6 +320,7 @@ class Engine:
     stage_frozen: bool | None = None
     gram_teacher: nn.Module | None = None  # frozen DinoBackbone (eval) once the Gram phase needs it
     gram_copies: int = 0  # copies of the EMA teacher taken into the Gram teacher so far ("ema" source)
+    gram_copied_at: int = -1  # the step of the latest copy (a resume with another schedule still copies when due)
 
     @property
     def use_ibot(self) -> bool:
@@ -398,6 +399,10 @@ class Engine:
         return {"losses": losses, "targets": targets, "out": out, "ok": ok, "grad_norm": grad_norm, "sv": sv}
 
     # --- Gram anchoring (DINOv3 spec, section 3) ----------------------------------------------------
+    @property
+    def _gram_from_ema(self) -> bool:
+        return self.cfg.gram.enabled and self.cfg.gram.teacher == "ema"
+
     def _gram_prepare(self, step: int, sv: dict[str, float]) -> float:
         """The Gram weight at ``step``; takes (or refreshes) the Gram teacher when it is due."""
         g = self.cfg.gram
@@ -405,9 +410,9 @@ class Engine:
             return 0.0
         if g.teacher == "ema" and step >= g.start:
             due = [s for s in gram_copy_steps(g.start, g.refresh_every, g.max_refreshes) if s <= step]
-            if self.gram_teacher is None or len(due) > self.gram_copies:  # (a resume restores both)
+            if self.gram_teacher is None or due[-1] > self.gram_copied_at:  # (a resume restores both)
                 self.gram_teacher = frozen_backbone_copy(self.teacher, self.info.device)
-                self.gram_copies = len(due)
+                self.gram_copies, self.gram_copied_at = self.gram_copies + 1, step
                 if self.info.is_main:
                     log.info("step %d: Gram teacher = copy %d of the EMA teacher", step + 1, self.gram_copies)
         return sv["gram_weight"]
@@ -434,8 +439,10 @@ class Engine:
             "optimizer": _optimizer_state(self.optimizer, self.nets, self.fsdp),
             "rng": runstate.rng_state(),
             "nan_run": self.nan_run,
-            "gram_teacher": None if self.gram_teacher is None else full_state_dict(self.gram_teacher),
+            # only an EMA copy needs saving: "init" and checkpoint teachers are rebuilt from the config
+            "gram_teacher": full_state_dict(self.gram_teacher) if self._gram_from_ema and self.gram_teacher else None,
             "gram_copies": self.gram_copies,
+            "gram_copied_at": self.gram_copied_at,
             "config": self.cfg.to_dict(),
             "world_size": self.info.world_size,
         }
@@ -446,7 +453,8 @@ class Engine:
         _load_optimizer(self.optimizer, self.nets, state["optimizer"], self.fsdp)
         self.nan_run = int(state.get("nan_run", 0))
         self.gram_copies = int(state.get("gram_copies", 0))
-        if state.get("gram_teacher") is not None:  # the anchor of a Gram phase in progress
+        self.gram_copied_at = int(state.get("gram_copied_at", -1))
+        if self._gram_from_ema and state.get("gram_teacher") is not None:  # the anchor of a Gram phase in progress
             if self.gram_teacher is None:
                 self.gram_teacher = frozen_backbone_copy(self.teacher, self.info.device)
             self.gram_teacher.load_state_dict(state["gram_teacher"])
@@ -534,7 +542,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
             log.info("resumed from %s (step %d)", found[1], start)
 
     bb = eng.nets.backbone
-    ds = build_dataset(cfg, bb.in_chans, bb.mean, bb.std, run_dir, info.rank)
+    ds = build_dataset(cfg, bb.in_chans, bb.mean, bb.std, run_dir, info.rank, bb.patch_size)
     from .data import StepBatchSampler, make_loader
 
     sampler = StepBatchSampler(len(ds), cfg.train.batch_size, cfg.train.seed, start_step=start,
@@ -544,7 +552,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
     metrics = None
     if info.is_main:
         metrics = runstate.MetricsWriter(run_dir, start_step=start, tensorboard=cfg.run.tensorboard)
-    monitor = build_monitor(cfg, eng, ds, run_dir) if cfg.monitor.every > 0 else None  # None on ranks > 0
+    saved_anchor = found[0].get("monitor_anchor") if found is not None else None
+    monitor = build_monitor(cfg, eng, ds, run_dir, saved_anchor) if cfg.monitor.every > 0 else None  # rank 0 only
 
     stop = {"flag": False}
     old_handlers = _install_signal_handlers(stop)
@@ -562,6 +571,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
     def save(at: int) -> None:
         state = eng.state()  # every process takes part in gathering; only rank 0 writes (no collective after it)
         if state is not None and info.is_main:
+            if monitor is not None and monitor.anchor_features is not None:  # the monitor's reference survives resume
+                state["monitor_anchor"] = {"features": monitor.anchor_features, "grid": list(monitor.anchor_grid)}
             runstate.save_checkpoint(state, run_dir, at, cfg.run.keep_last)
 
     try:
@@ -613,9 +624,10 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
             metrics.close()
 
 
-def build_monitor(cfg: PretrainConfig, eng: Engine, ds, run_dir: Path):
+def build_monitor(cfg: PretrainConfig, eng: Engine, ds, run_dir: Path, saved_anchor: dict | None = None):
     """The dense-feature health monitor on ``monitor.n_probes`` fixed images of the run's own data.
-    Its anchor is the fixed Gram teacher when there is one, else the weights the run started from."""
+    Its anchor is the fixed Gram teacher when there is one, else the weights the run started from
+    (their probe features are saved in checkpoints, so a resumed run keeps the same reference)."""
     from .monitor import DenseMonitor, probe_batch
 
     bb = eng.nets.backbone
@@ -628,10 +640,21 @@ def build_monitor(cfg: PretrainConfig, eng: Engine, ds, run_dir: Path):
 
         labels = probe_labels(paths, size, cfg.monitor.labels)  # [P, size, size]
     fixed = cfg.gram.enabled and cfg.gram.teacher != "ema"
-    anchor = eng.gram_teacher if fixed else frozen_backbone_copy(eng.teacher, eng.info.device)  # collective (FSDP2)
+    if saved_anchor is not None and saved_anchor["features"].shape[0] != probes.shape[0]:
+        log.warning("monitor.n_probes changed: dense_gram_distance is now measured from the resumed weights")
+        saved_anchor = None
+    anchor = None
+    if fixed:
+        anchor = eng.gram_teacher
+    elif saved_anchor is None:
+        anchor = frozen_backbone_copy(eng.teacher, eng.info.device)  # a collective under FSDP2: every rank
     if not eng.info.is_main:
         return None  # rank 0 measures and writes
-    return DenseMonitor(probes, labels=labels, anchor=anchor, out_dir=run_dir)
+    monitor = DenseMonitor(probes, labels=labels, anchor=anchor, out_dir=run_dir)
+    if anchor is None:  # resumed: the starting weights' probe features from the checkpoint
+        monitor.anchor_features = saved_anchor["features"].float()
+        monitor.anchor_grid = tuple(int(v) for v in saved_anchor["grid"])
+    return monitor
 
 
 def run_monitor(monitor, eng: Engine, step: int, *, render: bool) -> dict[str, float]:
