@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinoapp.ssl import dist as D  # noqa: E402
 from dinoapp.ssl.config import load_config  # noqa: E402
-from dinoapp.ssl.train import autocast_context, build_engine  # noqa: E402
+from dinoapp.ssl.train import autocast_context, build_engine, uses_bf16  # noqa: E402
 
 
 class Baseline:
@@ -140,7 +140,7 @@ def run(model: str, args, dev: torch.device) -> dict:
     gen = torch.Generator().manual_seed(1)
     gram_batches = [{**b, "gram_crops": torch.randn(2, args.batch, 3, 2 * args.global_size, 2 * args.global_size,
                                                     generator=gen)} for b in batches]  # fmt: skip
-    prec = "bf16" if (args.precision == "bf16" or (args.precision == "auto" and dev.type == "cuda")) else "fp32"
+    prec = "bf16" if uses_bf16(dev, args.precision) else "fp32"
     fns = {"baseline (plain DINO)": lambda i: base.step(batches[i % 4], prec)}
     for name, eng in variants.items():
         data = gram_batches if "Gram" in name else batches

@@ -134,7 +134,7 @@ class SSLDataset(Dataset):
         for k in range(n):  # a file the model cannot take (bands, no display range) is skipped like a corrupt one
             arr, meta = self.source[(index + k) % n]
             try:
-                image = self._to_unit(arr, meta)  # [C, H, W] in [0, 1]
+                image = to_unit(arr, meta, self.in_chans)  # [C, H, W] in [0, 1]
                 break
             except InputError as err:
                 record = getattr(self.source, "_record", None)
@@ -151,30 +151,38 @@ class SSLDataset(Dataset):
             item["gram"] = crops["gram"]  # [2, C, G, G]
         return item
 
-    def _to_unit(self, arr: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
-        name = meta.get("path", "this file")
-        vr = meta.get("value_range")
-        if vr is None:
-            raise InputError(
-                f"{name}: values are physical (HU, float reflectance, ...) with no display range, so they cannot be "
-                "scaled to [0, 1]; read DICOMs with a window (data.dicom_window=lung, or dicom={'window': 'lung'} "
-                "in Python) and GeoTIFFs with band statistics (data.stats=band_stats.json / geotiff={'stats': ...})"
-            )
-        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))  # [C, H, W]
-        lo, hi = float(vr[0]), float(vr[1])
-        if (lo, hi) != (0.0, 1.0):
-            x = (x - lo) / (hi - lo)
-        x = x.clamp(0.0, 1.0)
-        c = x.shape[0]
-        if c == self.in_chans:
-            return x
-        if c == 1:
-            return x.expand(self.in_chans, -1, -1)
+
+def to_unit(arr: np.ndarray, meta: dict[str, Any], in_chans: int) -> torch.Tensor:
+    """A reader's array [C, H, W] (or [H, W]) -> float32 [in_chans, H, W] in [0, 1]: scaled from
+    ``meta["value_range"]`` and clipped (NaN -> 0), one band repeated to ``in_chans``; an
+    :class:`InputError` naming the file and the option to change otherwise."""
+    name = meta.get("path", "this file")
+    vr = meta.get("value_range")
+    if vr is None:
         raise InputError(
-            f"{name} has {c} channels ({', '.join(map(str, meta.get('channels') or [])) or 'unnamed'}) but the "
-            f"model takes in_chans={self.in_chans}: select bands (data.bands=[4,3,2] or data.bands=rgb; "
-            f"geotiff={{'bands': [...]}} in Python) or pretrain with model.in_chans={c}"
+            f"{name}: values are physical (HU, float reflectance, ...) with no display range, so they cannot be "
+            "scaled to [0, 1]; read DICOMs with a window (data.dicom_window=lung, or dicom={'window': 'lung'} "
+            "in Python) and GeoTIFFs with band statistics (data.stats=band_stats.json / geotiff={'stats': ...})"
         )
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))  # [C, H, W]
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise InputError(f"{name}: shape {tuple(x.shape)} is not [channels, height, width]")
+    lo, hi = float(vr[0]), float(vr[1])
+    if (lo, hi) != (0.0, 1.0):
+        x = (x - lo) / (hi - lo)
+    x = x.nan_to_num(0.0).clamp(0.0, 1.0)
+    c = x.shape[0]
+    if c == in_chans:
+        return x
+    if c == 1:
+        return x.expand(in_chans, -1, -1)
+    raise InputError(
+        f"{name} has {c} channels ({', '.join(map(str, meta.get('channels') or [])) or 'unnamed'}) but the "
+        f"model takes in_chans={in_chans}: select bands (data.bands=[4,3,2] or data.bands=rgb; "
+        f"geotiff={{'bands': [...]}} in Python) or pretrain with model.in_chans={c}"
+    )
 
 
 def collate_crops(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, InputError
 from ..metrics import iou_per_class
 from ..viz import PCABasis, upsample
+from .data import to_unit
 from .gram import gram_loss, resize_patch_grid
 
 if TYPE_CHECKING:
@@ -138,18 +139,8 @@ def probe_labels(paths: Sequence[str], size: int, folder: str | Path) -> torch.T
 
 
 def _probe_image(arr: Any, meta: dict[str, Any], C: int, size: int) -> torch.Tensor:
-    """One item -> float32 [C, size, size] in [0, 1]."""
-    name = meta.get("path", "an item")
-    vr = meta.get("value_range")
-    if vr is None:
-        raise InputError(f"{name}: physical values with no value_range cannot be scaled to [0, 1]")
-    x = torch.as_tensor(np.asarray(arr, dtype=np.float32))
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3 or x.shape[0] not in (1, C):
-        raise InputError(f"{name}: shape {tuple(x.shape)} is not [1 or {C}, H, W]")
-    lo, hi = float(vr[0]), float(vr[1])
-    x = ((x - lo) / (hi - lo)).nan_to_num(0.0).clamp(0.0, 1.0)  # [c, H, W]
+    """One item -> float32 [C, size, size] in [0, 1] (scaled as for training, then centre square, resize)."""
+    x = to_unit(arr, meta, C)  # [C, H, W] in [0, 1]
     H, W = x.shape[-2:]
     s = min(H, W)
     top, left = (H - s) // 2, (W - s) // 2
@@ -157,7 +148,7 @@ def _probe_image(arr: Any, meta: dict[str, Any], C: int, size: int) -> torch.Ten
     if s != size:
         x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
         x = x.clamp(0.0, 1.0)  # bicubic overshoot
-    return x.expand(C, -1, -1).contiguous() if x.shape[0] == 1 else x  # [C, size, size]
+    return x.contiguous()  # [C, size, size]
 
 
 # ---------------------------------------------------------------------------------------- measures

@@ -32,7 +32,7 @@ from ..errors import ConfigError, DinoappError
 from . import dist as D
 from . import runstate
 from .config import PretrainConfig, load_config
-from .gram import GramLoss, dino_local_scale, gram_copy_steps, gram_weight, resize_patch_grid
+from .gram import dino_local_scale, gram_copy_steps, gram_loss, gram_weight, resize_patch_grid
 from .model import SSLNetworks, collapse_stats, ema_update, make_teacher, ssl_loss, teacher_targets
 from .optim import build_optimizer, param_groups, set_lr_wd
 from .schedules import cosine, linear_warmup, ramp, warmup_constant, warmup_cosine
@@ -194,9 +194,13 @@ def schedule_values(cfg: PretrainConfig, step: int) -> dict[str, float]:
     }
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """``train.precision``: bf16 when asked, or by default (``auto``) on CUDA; fp32 otherwise."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast_context(device: torch.device, precision: str):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if bf16:
+    if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -214,8 +218,7 @@ def export_teacher(teacher: SSLNetworks, run_dir: Path, *, step: int, cfg: Pretr
     if not write:
         return {}
     src = teacher.backbone
-    bb = DinoBackbone(src.arch, mean=src.mean, std=src.std, provenance=dict(src.provenance))  # plain, not FSDP
-    bb.load_state_dict({k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")})
+    bb = _plain_backbone(teacher, sd)
     bb.provenance.update({"source": str(run_dir), "trained_steps": step, "init": cfg.model.backbone,
                           "layout": "dinoapp", "sha256": None})  # fmt: skip
     bb.pretrained_heads = copy.copy(src.pretrained_heads)
@@ -373,7 +376,8 @@ class Engine:
                           dino_weight=lo.dino_weight, ibot_weight=lo.ibot_weight, koleo_weight=lo.koleo_weight,
                           koleo_gather=lo.koleo_across_processes, dino_local_scale=sv["dino_local_scale"])  # fmt: skip
         if gram_w > 0:
-            losses["gram"] = GramLoss(cfg.gram.remove_negatives)(out["patches_global"], targets["gram"])
+            neg = cfg.gram.remove_negatives
+            losses["gram"] = gram_loss(out["patches_global"], targets["gram"], remove_negatives=neg)
             losses["loss"] = losses["loss"] + gram_w * losses["gram"]
         loss = losses["loss"]
         ok = D.all_true(bool(torch.isfinite(loss).item()), dev)
@@ -469,7 +473,7 @@ def build_engine(cfg: PretrainConfig, info: D.DistInfo) -> Engine:
     if cfg.data.global_size < nets.backbone.patch_size:
         raise ConfigError(f"data.global_size={cfg.data.global_size} is smaller than one "
                           f"{nets.backbone.patch_size}px patch")  # fmt: skip
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dev.type == "cuda")
+    bf16 = uses_bf16(dev, cfg.train.precision)
     if cfg.train.grad_checkpointing:
         nets.backbone.set_grad_checkpointing(True)
     fsdp = cfg.train.strategy == "fsdp" and info.distributed
@@ -501,13 +505,18 @@ def build_engine(cfg: PretrainConfig, info: D.DistInfo) -> Engine:
     return eng
 
 
+def _plain_backbone(nets: SSLNetworks, sd: dict[str, torch.Tensor]) -> DinoBackbone:
+    """A plain (not FSDP) CPU DinoBackbone like ``nets.backbone`` holding the ``backbone.*`` entries of
+    ``sd``, a full state dict of ``nets``."""
+    src = nets.backbone
+    bb = DinoBackbone(src.arch, mean=src.mean, std=src.std, provenance=dict(src.provenance))
+    bb.load_state_dict({k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")})
+    return bb
+
+
 def frozen_backbone_copy(nets: SSLNetworks, device: torch.device):
     """A plain (unsharded) frozen eval copy of ``nets.backbone`` (a collective under FSDP2)."""
-    sd = {k.removeprefix("backbone."): v for k, v in full_state_dict(nets).items() if k.startswith("backbone.")}
-    src = nets.backbone
-    bb = DinoBackbone(src.arch, mean=src.mean, std=src.std, provenance=dict(src.provenance))  # plain, not FSDP
-    bb.load_state_dict(sd)
-    return bb.to(device).requires_grad_(False).eval()
+    return _plain_backbone(nets, full_state_dict(nets)).to(device).requires_grad_(False).eval()
 
 
 def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop_after) -> RunResult:
