@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a lent CUDA machine: the gpu-marked tests (extraction, dense windows, scenes with the
 # reader thread, bf16 autocast, SSL losses/fused AdamW), the extraction benchmark and the pretraining step
-# loop on CUDA. Budget: under 4 minutes on one H100.
+# loop and the distillation step on CUDA. Budget: under 5 minutes on one H100.
 # Usage (repo root, torch/timm already importable): bash benchmarks/gpu_smoke.sh
 set -euo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -14,3 +14,6 @@ python benchmarks/train_step.py --device cuda --models vits16 vitl16 --batch 32 
     --n-local 8 --prototypes 65536 --steps 8 --warmup 3
 python benchmarks/train_step.py --device cuda --models vits16 --batch 64 --global-size 224 --local-size 96 \
     --n-local 8 --prototypes 65536 --steps 8 --warmup 4 --compile
+# Distillation: ViT-L teacher -> ViT-S + ConvNeXt-T students, one shared teacher pass vs two single-student runs.
+python benchmarks/distill_step.py --device cuda --teacher vitl16 --students vits16 timm:convnext_tiny --batch 64 \
+    --global-size 224 --local-size 96 --n-local 4 --steps 6

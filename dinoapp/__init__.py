@@ -1,7 +1,9 @@
 """dinoapp: adapt DINOv3 vision foundation models to your own imagery.
 
 Start with :func:`load_backbone`, :func:`preprocess` and :func:`extract`; dense maps at any size with
-:func:`dense_features` / :func:`scene_features`, pictures with :mod:`dinoapp.viz`.
+:func:`dense_features` / :func:`scene_features`, pictures with :mod:`dinoapp.viz`. Backbones are DINOv3
+ViTs (:class:`DinoBackbone`) or any timm model with a dense feature map (:class:`TimmBackbone`, e.g.
+``load_backbone("timm:convnext_tiny")`` as a distillation student).
 """
 
 from . import heads, metrics, viz
@@ -41,6 +43,7 @@ from .identity import backbone_fingerprint, backbone_identity
 from .loading import load_backbone
 from .predict import segment_scene
 from .preprocess import preprocess, to_tensor
+from .timm_backbone import TimmArch, TimmBackbone
 
 __version__ = "0.1.0"
 
@@ -70,6 +73,8 @@ __all__ = [
     "SAT_STD",
     "SceneMap",
     "SourceNotFoundError",
+    "TimmArch",
+    "TimmBackbone",
     "UnknownSourceError",
     "UnsafeCheckpointError",
     "UnsupportedFormatError",

@@ -5,12 +5,26 @@ would run code is refused with :class:`UnsafeCheckpointError`. ``.safetensors`` 
 safetensors. A folder is read as a Hugging Face model folder (``model.safetensors`` or sharded
 ``model.safetensors.index.json``, ``config.json``, ``preprocessor_config.json``).
 
-dinoapp backbone checkpoint (format ``dinoapp.backbone`` version 1), written by
-:func:`save_backbone` and later by training runs::
+dinoapp backbone checkpoint (format ``dinoapp.backbone``), written by :func:`save_backbone` and
+by training runs, one record per backbone kind:
+
+- a DINOv3 ViT (:class:`~dinoapp.backbone.DinoBackbone`), version 1::
 
     {"dinoapp_format": "dinoapp.backbone", "version": 1,
      "arch": ArchSpec.to_dict(), "state_dict": Meta-layout tensors (mask token, RoPE periods),
      "mean": [...], "std": [...], "provenance": {...}, "heads": {name: state dict}}
+
+- any timm model (:class:`~dinoapp.timm_backbone.TimmBackbone`), version 2::
+
+    {"dinoapp_format": "dinoapp.backbone", "version": 2,
+     "arch": {"family": "timm", "model_name", "out_index", "in_chans", "model_kwargs"},
+     "state_dict": the module's own state dict (timm's under "model.", the trainable norm under "norm."),
+     "mean", "std", "provenance", "heads"}
+
+``version`` is the oldest reader that understands the record: ViT records stay at 1, so any
+dinoapp release reads them; timm records are 2, so a dinoapp from before timm backbones says
+"upgrade dinoapp" instead of misreading them. :data:`VERSION` is the newest version this dinoapp
+reads. Records without ``arch["family"]`` are ViTs.
 
 As ``.safetensors`` the tensors are stored flat (heads under ``heads.<name>.``) and the rest as
 JSON in the file's metadata.
@@ -39,7 +53,10 @@ from .errors import (
 )
 
 FORMAT = "dinoapp.backbone"
-VERSION = 1
+VERSION = 2  # the newest record version this dinoapp reads
+VIT_VERSION = 1  # written for DinoBackbone records (readable by every dinoapp release)
+TIMM_VERSION = 2  # written for TimmBackbone records
+FAMILIES = ("vit", "timm")  # arch["family"]; absent = "vit"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
@@ -199,14 +216,22 @@ def _from_safetensors_metadata(sd: dict[str, torch.Tensor], meta: dict[str, str]
 
 
 def backbone_record(backbone) -> dict[str, Any]:
-    """The dinoapp checkpoint dict of a :class:`~dinoapp.backbone.DinoBackbone` (plain types only,
-    so it loads with ``weights_only=True``)."""
+    """The dinoapp checkpoint dict of a backbone (plain types only, so it loads with ``weights_only=True``):
+    a :class:`~dinoapp.backbone.DinoBackbone` stores Meta-layout weights, a
+    :class:`~dinoapp.timm_backbone.TimmBackbone` its own state dict (see the module docstring)."""
     prov = {k: v for k, v in backbone.provenance.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    arch = backbone.arch.to_dict()
+    if arch.get("family") == "timm":
+        version = TIMM_VERSION
+        state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
+    else:
+        version = VIT_VERSION
+        state = {k: v.contiguous() for k, v in backbone.meta_state_dict().items()}
     return {
         "dinoapp_format": FORMAT,
-        "version": VERSION,
-        "arch": backbone.arch.to_dict(),
-        "state_dict": {k: v.contiguous() for k, v in backbone.meta_state_dict().items()},
+        "version": version,
+        "arch": arch,
+        "state_dict": state,
         "mean": list(backbone.mean),
         "std": list(backbone.std),
         "provenance": prov,
@@ -228,12 +253,24 @@ def save_backbone(backbone, path: str | os.PathLike) -> Path:
         flat = dict(rec["state_dict"])
         for name, h in rec["heads"].items():
             flat.update({f"heads.{name}.{k}": v.contiguous() for k, v in h.items()})
+        flat = _unshared(flat)
         info = {k: rec[k] for k in ("version", "arch", "mean", "std", "provenance")}
         save_file(flat, str(tmp), metadata={"dinoapp_format": FORMAT, "dinoapp": json.dumps(info)})
     else:
         torch.save(rec, tmp)
     os.replace(tmp, path)  # never leave a half-written checkpoint under the real name
     return path
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): give each later alias its own copy."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in tensors.items():
+        key = (v.untyped_storage().data_ptr(), v.device.index or 0) if v.numel() else (id(v), -1)
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out
 
 
 def check_record(obj: dict[str, Any], path: Path) -> None:
@@ -246,3 +283,18 @@ def check_record(obj: dict[str, Any], path: Path) -> None:
     for key in ("arch", "state_dict"):
         if key not in obj:
             raise CheckpointError(f"{path}: dinoapp checkpoint without {key!r}")
+    record_family(obj, path)
+
+
+def record_family(obj: dict[str, Any], path: Path | str = "the checkpoint") -> str:
+    """``"vit"`` or ``"timm"``: which backbone a dinoapp record holds (``arch["family"]``, absent = ViT)."""
+    arch = obj.get("arch")
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{path}: dinoapp checkpoint whose 'arch' is not a dict ({type(arch).__name__})")
+    family = arch.get("family", "vit")
+    if family not in FAMILIES:
+        raise UnsupportedFormatError(
+            f"{path} holds a backbone of family {family!r}, which this dinoapp does not know "
+            f"(it knows {', '.join(FAMILIES)}); upgrade dinoapp"
+        )
+    return family

@@ -15,7 +15,12 @@ def _info(args: argparse.Namespace) -> None:
     from .loading import load_backbone
 
     bb = load_backbone(args.source, num_heads=args.num_heads)
-    print(describe(bb.arch))
+    if getattr(bb.arch, "family", None) == "timm":
+        n = sum(p.numel() for p in bb.parameters())
+        print(f"timm {bb.arch.model_name}, feature stage {bb.arch.out_index} (stride {bb.patch_size}, "
+              f"{bb.embed_dim} channels), in_chans {bb.in_chans}, {n / 1e6:.1f}M params")  # fmt: skip
+    else:
+        print(describe(bb.arch))
     print(f"mean {tuple(round(m, 4) for m in bb.mean)}  std {tuple(round(s, 4) for s in bb.std)}")
     for k, v in bb.provenance.items():
         print(f"{k}: {v}")
@@ -56,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("archs", help="list the known architectures")
     p.set_defaults(func=_archs)
     from .cli_dense import add_parsers
+    from .cli_distill import add_parsers as add_distill_parsers
     from .cli_train import add_parsers as add_train_parsers
 
     add_parsers(sub)
     add_train_parsers(sub)
+    add_distill_parsers(sub)
     args = parser.parse_args(argv)
     from domains.errors import DomainError
 

@@ -19,6 +19,7 @@ import torch
 
 from .errors import ConfigError, InputError
 from .extract import block_indices
+from .labelled import read_label_csv, read_mask, seg_pairs
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp", ".webp", ".jp2", "")
 
@@ -206,34 +207,7 @@ def _similarity(args) -> None:
     print(f"query patch ({r}, {c}); best matches (row, col, cosine): {best}; wrote {out}")
 
 
-MASK_EXT = (".png", ".tif", ".tiff", ".bmp", ".gif")
-
-
-def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
-    """(image, mask) pairs matched by file stem; images without a mask are left out (and counted on stderr)."""
-    import sys
-
-    for flag, d in (("--images", images_dir), ("--masks", masks_dir)):
-        if not d.is_dir():
-            raise InputError(f"{flag} {d} is not a folder")
-    masks = {p.stem: p for p in sorted(masks_dir.iterdir()) if p.is_file() and p.suffix.lower() in MASK_EXT}
-    images = _inputs([str(images_dir)])
-    pairs = [(p, masks[p.stem]) for p in images if p.stem in masks]
-    if not pairs:
-        example = next((m.name for m in masks.values()), None)
-        raise InputError(f"no image in {images_dir} has a mask with the same file stem in {masks_dir} (masks are "
-                         f"matched by name: images/a.jpg <-> masks/a.png; e.g. {images[0].name!r} vs "
-                         f"{example!r})")  # fmt: skip
-    if len(pairs) < len(images):
-        missing = [p.name for p in images if p.stem not in masks]
-        print(f"note: {len(missing)} of {len(images)} images have no mask and are left out (e.g. {missing[:3]})",
-              file=sys.stderr)  # fmt: skip
-    return pairs
-
-
 def _fit_head(args) -> None:
-    from PIL import Image
-
     from . import heads
     from .extract import extract
 
@@ -251,13 +225,10 @@ def _fit_head(args) -> None:
     if args.masks:
         if not args.images:
             raise ConfigError("--masks needs --images (the folder of images the masks belong to)")
-        pairs = _pairs(Path(args.images), Path(args.masks))
+        pairs = seg_pairs(args.images, args.masks, flags=("--images", "--masks"))
         imgs = [_read(p, bb, args)[0] for p, _ in _bar(pairs, "read")]
-        masks = [np.asarray(Image.open(m)) for _, m in pairs]
+        masks = [read_mask(m) for _, m in pairs]
         for (p, m), a, mask in zip(pairs, imgs, masks):
-            if mask.ndim != 2:
-                raise InputError(f"{m}: masks must be single-band label images (PNG with class indices, "
-                                 "255 = unlabelled)")  # fmt: skip
             if args.policy == "pad" and mask.shape != a.shape[1:]:
                 raise InputError(f"{m} is {mask.shape[0]} x {mask.shape[1]} but {p.name} is {a.shape[1]} x "
                                  f"{a.shape[2]}: with --policy pad a mask must have its image's size "
@@ -280,18 +251,11 @@ def _fit_head(args) -> None:
 
             msg = f", training mIoU {mean_iou(np.stack(masks), pred.numpy(), n_classes):.3f}"
     elif args.labels:
-        if not Path(args.labels).is_file():
-            raise InputError(f"--labels {args.labels}: no such CSV file")
-        with open(args.labels, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or not {"path", "label"} <= set(rows[0]):
-            raise InputError(f"{args.labels}: needs a header with columns 'path' and 'label'")
-        labels = [r["label"] for r in rows]
+        paths, labels = read_label_csv(args.labels, images_dir=args.images, flag="--labels")
         if args.kind == "logistic" and len(set(labels)) < 2:  # say so before reading every image
             raise InputError(f"{args.labels}: logistic regression needs at least 2 classes, every row is labelled "
                              f"{labels[0]!r}")  # fmt: skip
-        base = Path(args.images) if args.images else Path(args.labels).parent
-        imgs = [_read(base / r["path"], bb, args)[0] for r in _bar(rows, "read")]
+        imgs = [_read(p, bb, args)[0] for p in _bar(paths, "read")]
         f = extract(bb, [torch.from_numpy(a) for a in imgs], size=args.size or 224, policy="resize",
                     batch_size=args.batch_size, progress=True)  # fmt: skip
         emb = heads.image_embedding(f, args.embedding)

@@ -94,6 +94,12 @@ def window_shape(height: int, width: int, tile: int, overlap: int, patch: int) -
     return (th, tw), min(overlap, min(th, tw) - patch)
 
 
+def layer_width(backbone, block: int) -> int:
+    """Feature width of block (ViT) or stage (timm CNN: widths differ per stage) ``block``."""
+    dims = getattr(backbone, "stage_dims", None)
+    return int(dims[block]) if dims is not None else int(backbone.embed_dim)
+
+
 def _forward(backbone, x: torch.Tensor, want: list[int]):
     """Last-block + intermediate normed patch grids and CLS of a batch [B, C, H, W]."""
     outs = backbone.get_intermediate_layers(x, n=want, reshape=True, return_class_token=True, norm=True)
@@ -167,9 +173,8 @@ def _sliding(backbone, x, want, tile, overlap, batch_size, dev, progress):
     Hp, Wp = x.shape[-2:]
     (th, tw), overlap = window_shape(Hp, Wp, tile, overlap, p)
     tiles = tile_grid(Hp, Wp, (th, tw), overlap, edge="shift", align=p)
-    D = backbone.embed_dim
-    mos = {b: Mosaic(Hp, Wp, D, scale=p, overlap=overlap) for b in want}
-    cls_sum = torch.zeros(D)
+    mos = {b: Mosaic(Hp, Wp, layer_width(backbone, b), scale=p, overlap=overlap) for b in want}
+    cls_sum = torch.zeros(backbone.embed_dim)  # the last block's (want always holds it)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -248,7 +253,7 @@ def scene_features(
     check_windows(tile, overlap, batch_size, p)
     take = block_indices(layers, backbone.n_blocks) or [backbone.n_blocks - 1]
     want = sorted(set(take))
-    K = channels if channels is not None else backbone.embed_dim * len(take)
+    K = channels if channels is not None else sum(layer_width(backbone, b) for b in take)
     if not isinstance(K, int | np.integer) or K < 1:
         raise ConfigError(f"channels must be a positive integer (what reduce returns per patch), got {channels!r}")
     info = domains.raster_info(path)

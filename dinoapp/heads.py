@@ -979,10 +979,11 @@ def _json_list(values: np.ndarray) -> list:
 
 def _describe(identity: dict) -> str:
     arch = identity.get("arch") or {}
-    return (
-        f"{identity.get('source') or 'unnamed backbone'} (ViT embed_dim={arch.get('embed_dim')}, "
-        f"depth={arch.get('depth')}, patch={arch.get('patch_size')}, fingerprint {identity.get('fingerprint')})"
-    )
+    if arch.get("family") == "timm":
+        what = f"timm {arch.get('model_name')}, stage {arch.get('out_index')}"
+    else:
+        what = f"ViT embed_dim={arch.get('embed_dim')}, depth={arch.get('depth')}, patch={arch.get('patch_size')}"
+    return f"{identity.get('source') or 'unnamed backbone'} ({what}, fingerprint {identity.get('fingerprint')})"
 
 
 def check_backbone(head: Any, backbone, where: str = "this head") -> None:

@@ -1,17 +1,23 @@
-"""``load_backbone``: any DINOv3 source -> a :class:`~dinoapp.backbone.DinoBackbone`.
+"""``load_backbone``: any source -> a :class:`~dinoapp.backbone.DinoBackbone` (DINOv3 ViT) or a
+:class:`~dinoapp.timm_backbone.TimmBackbone` (any timm model with a dense feature map).
 
 Sources, tried in this order:
 
-1. a ``DinoBackbone`` (returned as is, moved to ``device``);
+1. a ``DinoBackbone`` or ``TimmBackbone`` (returned as is, moved to ``device``);
 2. an existing file or folder: Meta release ``.pth``, Meta ``teacher_checkpoint.pth`` dump (the
    DINO/iBOT heads are kept in ``pretrained_heads``), timm ``.pth``/``.safetensors``, a Hugging
-   Face ``DINOv3ViTModel`` file or folder, or a dinoapp checkpoint;
+   Face ``DINOv3ViTModel`` file or folder, or a dinoapp checkpoint (of either backbone kind);
 3. an architecture name without weights (``vits16``, ``dinov3_vitl16``, ``vit_tiny`` ...), random
    init, with optional overrides (``depth=2``);
-4. a timm name with tag (``vit_large_patch16_dinov3.sat493m``), fetched through the hub cache.
+4. a timm DINOv3 name with tag (``vit_large_patch16_dinov3.sat493m``), fetched through the hub cache;
+5. ``"timm:<model>"`` (``timm:convnext_atto``): any timm model as a :class:`TimmBackbone`, random
+   init (``seed`` respected), with ``out_index=`` (the feature stage used as the patch map) and timm
+   model arguments as keyword overrides; ``"timm:<model>.<tag>"`` (``timm:convnext_tiny.fb_in22k``)
+   loads timm's pretrained weights from the Hugging Face cache (downloaded once with internet).
 
 The architecture is always read from the weights. Normalisation follows the weights (SAT-493M
-statistics for ``sat493m`` weights, ImageNet statistics otherwise) unless ``mean``/``std`` are given.
+statistics for ``sat493m`` weights, timm's statistics for timm pretrained weights, ImageNet
+statistics otherwise) unless ``mean``/``std`` are given.
 """
 
 from __future__ import annotations
@@ -27,16 +33,17 @@ import torch
 from . import hub
 from .arch import ARCHS, ArchSpec, arch_from_name
 from .backbone import LVD_MEAN, LVD_STD, SAT_MEAN, SAT_STD, DinoBackbone, check_norm, expand_input_channels
-from .checkpoint import check_record, read_checkpoint
+from .checkpoint import check_record, read_checkpoint, record_family
 from .errors import CheckpointMismatchError, ConfigError, SourceNotFoundError, UnknownSourceError
 from .layouts import detect_layout, infer_arch, to_meta
+from .timm_backbone import TIMM_PREFIX, TimmArch, TimmBackbone, split_timm_source
 
 _META_FILE = re.compile(r"dinov3_(vits16plus|vits16|vitb16|vitl16plus|vitl16|vith16plus|vit7b16)_pretrain_"
                         r"(lvd1689m|sat493m)")  # fmt: skip
 
 
 def load_backbone(
-    source: str | os.PathLike | DinoBackbone,
+    source: str | os.PathLike | DinoBackbone | TimmBackbone,
     *,
     device: str | torch.device | None = None,
     mean: Sequence[float] | None = None,
@@ -47,33 +54,50 @@ def load_backbone(
     drop_path_rate: float = 0.0,
     seed: int | None = None,
     **arch_overrides: Any,
-) -> DinoBackbone:
-    """Load a DINOv3 backbone from ``source`` (see module docstring); returned in ``eval()`` mode.
+) -> DinoBackbone | TimmBackbone:
+    """Load a backbone from ``source`` (see module docstring); returned in ``eval()`` mode.
 
     Args:
         device: where to put it (default CPU).
         mean, std: override the input normalisation (one value per input channel, for [0, 1] inputs).
-        in_chans: give an RGB backbone this many input channels (see ``expand_input_channels``).
+        in_chans: give an RGB backbone this many input channels (see ``expand_input_channels``; for a
+            ``timm:`` name, the channels timm builds the model with).
         num_heads: only for files that do not say (timm/HF files of non-released widths).
         cache_dir: Hugging Face cache folder for timm names.
         drop_path_rate: stochastic depth for training (0 for inference).
-        seed: random init seed for architecture names.
-        **arch_overrides: with an architecture name, fields of :class:`ArchSpec` (``depth=2``).
+        seed: random init seed for architecture names and ``timm:`` names without a tag.
+        **arch_overrides: with an architecture name, fields of :class:`ArchSpec` (``depth=2``); with a
+            ``timm:`` name, ``out_index=`` and ``timm.create_model`` arguments.
     """
-    if isinstance(source, DinoBackbone):
+    if isinstance(source, (DinoBackbone, TimmBackbone)):
         bb = source
     else:
+        timm_name = split_timm_source(source) if isinstance(source, str) else None
+        if timm_name is not None:
+            if num_heads is not None:
+                raise ConfigError(f"num_heads only applies to ViT files; {source} is a timm model")
+            bb = _load_timm(timm_name, mean, std, in_chans, cache_dir, drop_path_rate, seed, arch_overrides)
+            return bb.to(device or "cpu").eval()
         if arch_overrides and not (isinstance(source, str) and _is_arch_name(source)):
             raise ConfigError(
                 f"architecture overrides {sorted(arch_overrides)} only apply to architecture names "
-                f"({', '.join(sorted(ARCHS))}); a checkpoint's architecture is read from its weights"
+                f"({', '.join(sorted(ARCHS))}) and 'timm:<model>' names; a checkpoint's architecture is read "
+                "from its weights"
             )
         defer = in_chans is not None  # user statistics are per *final* channel: apply after expansion
         bb = _load(source, None if defer else mean, None if defer else std, num_heads, cache_dir, drop_path_rate,
                    seed, arch_overrides)  # fmt: skip
+    if isinstance(bb, TimmBackbone) and in_chans is not None and in_chans != bb.in_chans:
+        raise ConfigError(
+            f"{bb.arch.model_name} takes {bb.in_chans} input channels, not {in_chans}: expanding the input channels "
+            "of a trained model is ViT-only (expand_input_channels); build a new student with "
+            f"load_backbone('timm:{bb.arch.model_name}', in_chans={in_chans}) instead"
+        )
     if in_chans is not None and in_chans != bb.in_chans:
         expand_input_channels(bb, in_chans, mean=mean, std=std)
-    elif (mean is not None or std is not None) and (in_chans is not None or isinstance(source, DinoBackbone)):
+    elif (mean is not None or std is not None) and (
+        in_chans is not None or isinstance(source, (DinoBackbone, TimmBackbone))
+    ):
         bb.mean, bb.std = check_norm(mean if mean is not None else bb.mean, std if std is not None else bb.std,
                                      bb.in_chans)  # fmt: skip
         bb.provenance["normalisation"] = "user"
@@ -84,7 +108,26 @@ def _is_arch_name(source: str) -> bool:
     return source.removeprefix("dinov3_") in ARCHS
 
 
-def _load(source, mean, std, num_heads, cache_dir, drop_path_rate, seed, arch_overrides) -> DinoBackbone:
+def _load_timm(name, mean, std, in_chans, cache_dir, drop_path_rate, seed, overrides) -> TimmBackbone:
+    """``timm:<model>`` (random init under ``seed``) or ``timm:<model>.<tag>`` (timm's pretrained weights)."""
+    overrides = dict(overrides)
+    out_index = overrides.pop("out_index", -1)
+    if not name:
+        raise UnknownSourceError("'timm:' needs a model name, e.g. 'timm:convnext_atto' or 'timm:resnet50.a1_in1k'")
+    pretrained = "." in name
+    prov: dict[str, Any] = {"source": TIMM_PREFIX + name}
+    kwargs = dict(out_index=out_index, in_chans=3 if in_chans is None else in_chans, mean=mean, std=std,
+                  drop_path_rate=drop_path_rate, model_kwargs=overrides)  # fmt: skip
+    if pretrained:
+        return TimmBackbone(name, pretrained=True, cache_dir=cache_dir, provenance=prov, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        prov.update(weights="random init", seed=seed)
+        return TimmBackbone(name, provenance=prov, **kwargs)
+
+
+def _load(source, mean, std, num_heads, cache_dir, drop_path_rate, seed, arch_overrides) -> DinoBackbone | TimmBackbone:
     path = Path(source).expanduser() if not isinstance(source, Path) else source
     if isinstance(source, Path) or path.exists():
         return from_file(path, mean=mean, std=std, num_heads=num_heads, drop_path_rate=drop_path_rate,
@@ -108,8 +151,8 @@ def _load(source, mean, std, num_heads, cache_dir, drop_path_rate, seed, arch_ov
     if os.sep in src or "/" in src or Path(src).suffix in (".pth", ".pt", ".safetensors", ".bin", ".ckpt"):
         raise SourceNotFoundError(f"no such file or folder: {src}")
     raise UnknownSourceError(
-        f"{src!r} is not a file, an architecture name ({', '.join(sorted(ARCHS))}) nor a timm DINOv3 name "
-        "such as 'vit_small_patch16_dinov3.lvd1689m'"
+        f"{src!r} is not a file, an architecture name ({', '.join(sorted(ARCHS))}), a timm DINOv3 name "
+        "such as 'vit_small_patch16_dinov3.lvd1689m' nor a timm model such as 'timm:convnext_atto'"
     )
 
 
@@ -122,8 +165,9 @@ def from_file(
     drop_path_rate: float = 0.0,
     source: str | None = None,
     data_tag: str | None = None,
-) -> DinoBackbone:
-    """Build a backbone from a checkpoint file or folder in any supported layout."""
+) -> DinoBackbone | TimmBackbone:
+    """Build a backbone from a checkpoint file or folder in any supported layout (a dinoapp record of a
+    timm model gives a :class:`TimmBackbone`)."""
     raw = read_checkpoint(path)
     layout = detect_layout(raw.obj)
     prov: dict[str, Any] = {"source": source or str(path), "path": str(raw.path), "sha256": raw.sha256}
@@ -131,6 +175,8 @@ def from_file(
     if layout == "dinoapp":
         obj = raw.obj
         check_record(obj, raw.path)
+        if record_family(obj, raw.path) == "timm":
+            return _timm_from_record(obj, raw.path, prov, mean, std, drop_path_rate)
         arch = ArchSpec.from_dict(dict(obj["arch"]))
         sd = dict(obj["state_dict"])
         heads = {n: dict(h) for n, h in (obj.get("heads") or {}).items()}
@@ -168,6 +214,25 @@ def from_file(
                       provenance=prov, drop_path_rate=drop_path_rate)  # fmt: skip
     bb.load_meta_state_dict(sd)
     bb.pretrained_heads = heads
+    return bb
+
+
+def _timm_from_record(obj, path: Path, prov: dict[str, Any], mean, std, drop_path_rate: float) -> TimmBackbone:
+    """A :class:`TimmBackbone` from a dinoapp timm record: timm's model built at random, then the file's
+    weights loaded strictly (:class:`CheckpointMismatchError` names any key that does not fit)."""
+    arch = TimmArch.from_dict(dict(obj["arch"]))
+    prov = {**dict(obj.get("provenance") or {}), **prov, "layout": "dinoapp"}
+    prov["normalisation"] = "user" if mean is not None or std is not None else "file"
+    file_mean, file_std = obj.get("mean"), obj.get("std")
+    bb = TimmBackbone.from_arch(arch, mean=mean if mean is not None else file_mean,
+                                std=std if std is not None else file_std, provenance=prov,
+                                drop_path_rate=drop_path_rate)  # fmt: skip
+    try:
+        bb.load_state_dict_checked(dict(obj["state_dict"]))
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{path}: {e}", missing=e.missing, unexpected=e.unexpected,
+                                      mismatched=e.mismatched) from None  # fmt: skip
+    bb.pretrained_heads = {n: dict(h) for n, h in (obj.get("heads") or {}).items()}
     return bb
 
 

@@ -241,13 +241,14 @@ def _plain(v: Any) -> Any:
 
 
 # --- presets and loading ---------------------------------------------------------------------------
-def preset_names() -> list[str]:
-    """The YAML presets shipped with dinoapp (``dinoapp/ssl/presets``)."""
-    folder = resources.files("dinoapp.ssl") / "presets"
+def preset_names(package: str = "dinoapp.ssl") -> list[str]:
+    """The YAML presets shipped with dinoapp (``<package>/presets``: pretraining in ``dinoapp.ssl``,
+    distillation in ``dinoapp.distill``)."""
+    folder = resources.files(package) / "presets"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
+def _read_yaml(name_or_path: str | Path, package: str = "dinoapp.ssl", sections: str = "") -> tuple[dict, str]:
     p = Path(name_or_path).expanduser()
     if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
@@ -255,15 +256,16 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
         text, where = p.read_text(), str(p)
     else:
         name = str(name_or_path)
-        if name not in preset_names():
-            raise ConfigError(f"unknown config preset {name!r}; presets: {', '.join(preset_names())} (or a YAML file)")
-        text, where = (resources.files("dinoapp.ssl") / "presets" / f"{name}.yaml").read_text(), f"preset {name}"
+        if name not in preset_names(package):
+            raise ConfigError(f"unknown config preset {name!r}; presets: {', '.join(preset_names(package))} "
+                              "(or a YAML file)")  # fmt: skip
+        text, where = (resources.files(package) / "presets" / f"{name}.yaml").read_text(), f"preset {name}"
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: a config is a mapping of sections ({', '.join(_fields(PretrainConfig))})")
+        raise ConfigError(f"{where}: a config is a mapping of sections ({sections})")
     return data, where
 
 
@@ -276,14 +278,21 @@ def load_config(
     ``overrides`` are ``"section.key=value"`` strings (values parsed as YAML: ``optim.lr=1e-4``,
     ``data.global_scale=[0.4,1]``, ``model.rope_rescale=null``) or a ``{"section.key": value}`` dict.
     """
-    cfg = PretrainConfig()
+    return build_config(PretrainConfig, "dinoapp.ssl", name_or_path, overrides)
+
+
+def build_config(cls: type, package: str, name_or_path: str | Path | None, overrides) -> Any:
+    """Defaults of dataclass ``cls`` <- a preset of ``package`` or a YAML file (with ``base:``
+    chains) <- overrides; then ``validate()``. Shared by the pretraining and distillation configs."""
+    cfg = cls()
+    sections = ", ".join(_fields(cls))
     if name_or_path is not None:
-        data, where = _read_yaml(name_or_path)
+        data, where = _read_yaml(name_or_path, package, sections)
         chain = [(data, where)]
         seen = {where}
         while "base" in chain[0][0]:
             base = chain[0][0].pop("base")
-            data, where = _read_yaml(base)
+            data, where = _read_yaml(base, package, sections)
             if where in seen:
                 raise ConfigError(f"config 'base' chain loops at {where}")
             seen.add(where)
@@ -295,10 +304,22 @@ def load_config(
     return cfg.validate()
 
 
-def _apply_mapping(cfg: PretrainConfig, data: dict[str, Any], where: str) -> None:
+def _list_section(cfg: Any, section: str) -> Any:
+    """The item type of a section that is a list of dataclasses (e.g. distillation ``students``), else None."""
+    hint = typing.get_type_hints(type(cfg))[section]
+    if typing.get_origin(hint) is list and typing.get_args(hint) and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        return hint
+    return None
+
+
+def _apply_mapping(cfg: Any, data: dict[str, Any], where: str) -> None:
     for section, values in data.items():
         if section not in _fields(cfg):
             raise ConfigError(f"{where}: unknown section {section!r}; sections: {', '.join(_fields(cfg))}")
+        hint = _list_section(cfg, section)
+        if hint is not None:  # a list of entries (students: [{name: s, backbone: vits16}, ...])
+            setattr(cfg, section, _coerce(values, hint, section, where))
+            continue
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping of key: value")
         for key, value in values.items():
@@ -326,14 +347,31 @@ def _fields(obj: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj)}
 
 
-def _set(cfg: PretrainConfig, key: str, value: Any, where: str) -> None:
+def _set(cfg: Any, key: str, value: Any, where: str) -> None:
     parts = key.split(".")
+    section = parts[0]
+    if section in _fields(cfg) and _list_section(cfg, section) is not None:  # students=[...] / students.0.lr=...
+        hint = _list_section(cfg, section)
+        if len(parts) == 1:
+            setattr(cfg, section, _coerce(value, hint, section, where))
+            return
+        items = getattr(cfg, section)
+        if not parts[1].isdigit() or int(parts[1]) >= len(items) or len(parts) < 3:
+            raise ConfigError(f"{where}: {key!r}: address an entry of {section} as {section}.<index>.<key> with "
+                              f"index 0..{len(items) - 1}, or replace the list with {section}=[...]")  # fmt: skip
+        item = items[int(parts[1])]
+        _set_field(item, parts[2], parts[3:], value, f"{section}.{parts[1]}", where)
+        return
     if len(parts) < 2:
         raise ConfigError(f"{where}: {key!r} must be section.key (sections: {', '.join(_fields(cfg))})")
     section, name, rest = parts[0], parts[1], parts[2:]
     if section not in _fields(cfg):
         raise ConfigError(f"{where}: unknown section {section!r} in {key!r}; sections: {', '.join(_fields(cfg))}")
-    obj = getattr(cfg, section)
+    _set_field(getattr(cfg, section), name, rest, value, section, where)
+
+
+def _set_field(obj: Any, name: str, rest: list[str], value: Any, section: str, where: str) -> None:
+    key = ".".join([section, name, *rest])
     fields = _fields(obj)
     if name not in fields:
         raise ConfigError(f"{where}: unknown key {section}.{name}; keys of {section}: {', '.join(fields)}")
@@ -395,6 +433,17 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             return tuple(seq) if origin is tuple else seq
     elif origin is dict and isinstance(value, dict):
         return dict(value)
+    elif dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            obj = hint()
+            hints = typing.get_type_hints(hint)
+            for k, v in value.items():
+                if k not in hints:
+                    raise ConfigError(f"{where}: unknown key {k!r} in {key}; keys: {', '.join(_fields(obj))}")
+                setattr(obj, k, _coerce(v, hints[k], f"{key}.{k}", where))
+            return obj
     raise ConfigError(f"{where}: {key} must be {_type_name(hint)}, got {value!r}")
 
 
@@ -407,6 +456,6 @@ def _type_name(hint: Any) -> str:
         inner = plural.get(args[0], "values") if args else "values"
         fixed = origin is tuple and args and args[-1] is not Ellipsis
         return f"a list of {len(args)} {inner}" if fixed else f"a list of {inner}"
-    if origin is dict:
+    if origin is dict or dataclasses.is_dataclass(hint):
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(hint, str(hint))

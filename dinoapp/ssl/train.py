@@ -31,7 +31,7 @@ from ..backbone import DinoBackbone
 from ..errors import ConfigError, DinoappError
 from . import dist as D
 from . import runstate
-from .config import PretrainConfig, load_config
+from .config import DataConfig, PretrainConfig, load_config
 from .gram import dino_local_scale, gram_copy_steps, gram_loss, gram_weight, resize_patch_grid
 from .model import SSLNetworks, collapse_stats, ema_update, make_teacher, ssl_loss, teacher_targets
 from .optim import build_optimizer, param_groups, set_lr_wd
@@ -89,13 +89,11 @@ def build_networks(cfg: PretrainConfig) -> SSLNetworks:
     return SSLNetworks(bb, dino_head, ibot_head)
 
 
-def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path, rank: int = 0, patch: int = 16):
+def build_source(d: DataConfig, seed: int, run_dir: Path, rank: int = 0):
+    """The folder of training files as a ``domains`` dataset (unreadable files recorded in
+    ``errors.jsonl``, one file per rank > 0); shared by pretraining and distillation."""
     from domains.datasets import FolderDataset
 
-    from .augment import MultiCrop, augment_preset
-    from .data import SSLDataset
-
-    d = cfg.data
     if not d.path:
         raise ConfigError("no training data: pass --data PATH (a folder of images, GeoTIFFs or DICOMs) or data.path=")
     geo: dict[str, Any] = {}
@@ -108,14 +106,28 @@ def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path, 
         opts["geotiff"] = geo
     if d.dicom_window is not None:
         opts["dicom"] = {"window": d.dicom_window}
-    src = FolderDataset(d.path, recursive=d.recursive, window=d.window, min_valid=d.min_valid,
-                        error_log=run_dir / ("errors.jsonl" if rank == 0 else f"errors.rank{rank}.jsonl"),
-                        seed=cfg.train.seed, **opts)  # fmt: skip
-    params = augment_preset(d.domain)
-    if d.aug:
-        import dataclasses
+    return FolderDataset(d.path, recursive=d.recursive, window=d.window, min_valid=d.min_valid,
+                         error_log=run_dir / ("errors.jsonl" if rank == 0 else f"errors.rank{rank}.jsonl"),
+                         seed=seed, **opts)  # fmt: skip
 
-        params = dataclasses.replace(params, **d.aug)
+
+def augment_params(d: DataConfig):
+    """The domain's augmentation preset with the config's ``data.aug`` overrides."""
+    import dataclasses
+
+    from .augment import augment_preset
+
+    params = augment_preset(d.domain)
+    return dataclasses.replace(params, **d.aug) if d.aug else params
+
+
+def build_dataset(cfg: PretrainConfig, in_chans: int, mean, std, run_dir: Path, rank: int = 0, patch: int = 16):
+    from .augment import MultiCrop
+    from .data import SSLDataset
+
+    d = cfg.data
+    src = build_source(d, cfg.train.seed, run_dir, rank)
+    params = augment_params(d)
     crops = []
     for size in d.global_sizes or [d.global_size]:  # mixed sizes: one MultiCrop per size, chosen per step
         extra = {}
@@ -147,22 +159,27 @@ RESUME_MAY_CHANGE = ("train.steps", "train.nan_patience", "data.path", "data.num
                      "gram.")  # fmt: skip  # e.g. continue a run with Gram anchoring
 
 
-def check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> None:
-    """Refuse to resume with a config that changes the model, data stream or objective."""
+def check_resume_config(saved: dict[str, Any], cfg: Any, path: Path, may_change=RESUME_MAY_CHANGE) -> None:
+    """Refuse to resume with a config that changes the model, data stream or objective (anything
+    but the ``may_change`` keys; a trailing dot allows a whole section)."""
     if not saved:
         return
     new = cfg.to_dict()
     diffs = []
     for section, values in saved.items():
+        if not isinstance(values, dict):  # a list section (distillation students): compared whole
+            if new.get(section) != values and not any(a in (section, section + ".") for a in may_change):
+                diffs.append(f"{section}: {values!r} -> {new.get(section)!r}")
+            continue
         for key, old in values.items():
             name = f"{section}.{key}"
             now = new.get(section, {}).get(key)
-            if now != old and not any(name == a or (a.endswith(".") and name.startswith(a)) for a in RESUME_MAY_CHANGE):
+            if now != old and not any(name == a or (a.endswith(".") and name.startswith(a)) for a in may_change):
                 diffs.append(f"{name}: {old!r} -> {now!r}")
     if diffs:
         raise ConfigError(
             f"resuming {path.name} with a different config: {'; '.join(diffs)}. A resumed run may change only "
-            f"{', '.join(RESUME_MAY_CHANGE)}*; start a new --out to train with other settings"
+            f"{', '.join(may_change)}*; start a new --out to train with other settings"
         )
 
 
