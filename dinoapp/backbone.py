@@ -28,7 +28,30 @@ SAT_MEAN = (0.430, 0.411, 0.296)  # SAT-493M (satellite) weights
 SAT_STD = (0.213, 0.156, 0.143)
 
 
-class DinoBackbone(nn.Module):
+def pack_layers(patches, cls_tokens, extra, return_class_token: bool, return_extra_tokens: bool) -> tuple:
+    """``get_intermediate_layers``' return value in Meta's shape: per layer the patches, paired with
+    the class token and/or the extra (register) tokens when asked."""
+    if return_class_token and return_extra_tokens:
+        return tuple(zip(patches, cls_tokens, extra, strict=True))
+    if return_class_token:
+        return tuple(zip(patches, cls_tokens, strict=True))
+    if return_extra_tokens:
+        return tuple(zip(patches, extra, strict=True))
+    return tuple(patches)
+
+
+class MetaForward:
+    """``bb(x)``: the image embedding (normed CLS token, [B, D]); ``bb(x, is_training=True)`` returns
+    the ``forward_features`` dict(s), as Meta's models do. Shared by every backbone of the contract."""
+
+    def forward(self, x, masks=None, is_training: bool = False):
+        out = self.forward_features(x, masks)
+        if is_training:
+            return out
+        return out["x_norm_clstoken"]
+
+
+class DinoBackbone(MetaForward, nn.Module):
     """A DINOv3 ViT with Meta's interface.
 
     Attributes: ``patch_size``, ``embed_dim``, ``n_blocks``, ``num_heads``, ``n_registers``
@@ -203,21 +226,7 @@ class DinoBackbone(nn.Module):
         if reshape:
             B = x.shape[0]
             patches = [p.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
-        if return_class_token and return_extra_tokens:
-            return tuple(zip(patches, cls_tokens, extra))
-        if return_class_token:
-            return tuple(zip(patches, cls_tokens))
-        if return_extra_tokens:
-            return tuple(zip(patches, extra))
-        return tuple(patches)
-
-    def forward(self, x, masks=None, is_training: bool = False):
-        """The image embedding (normed CLS token, [B, D]); ``is_training=True`` returns the
-        ``forward_features`` dict(s) as Meta's models do."""
-        out = self.forward_features(x, masks)
-        if is_training:
-            return out
-        return out["x_norm_clstoken"]
+        return pack_layers(patches, cls_tokens, extra, return_class_token, return_extra_tokens)
 
     # --- weights --------------------------------------------------------------------------------
     def load_meta_state_dict(self, sd: dict[str, torch.Tensor]) -> None:

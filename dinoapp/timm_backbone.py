@@ -11,9 +11,10 @@ as the patch grid:
 - the "CLS token" is the global average of that map (as a CNN's classifier sees it);
 - a trainable ``norm`` (LayerNorm over channels, initialised to the identity affine) plays the part
   of a ViT's final norm, so features are normed like a ViT's;
-- stages after ``out_index`` are pruned from the model (timm's ``prune_intermediate_layers``; for
-  models without it they are skipped with ``stop_early``), so they cost nothing and hold no unused
-  parameters (which DDP would reject);
+- stages after ``out_index`` are pruned from the model (timm's ``prune_intermediate_layers``), so
+  they cost nothing and hold no unused parameters (which DDP would reject); the few models without
+  it skip them with ``stop_early`` but keep their parameters (``pruned`` is False: train such a
+  student in one process);
 - there are no register tokens and no mask token: CNN students take unmasked crops only.
 
 ``get_intermediate_layers`` follows Meta's semantics over the feature *stages* ``0 .. out_index``
@@ -38,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import LVD_MEAN, LVD_STD, check_norm
+from .backbone import LVD_MEAN, LVD_STD, MetaForward, check_norm, pack_layers
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -127,7 +128,7 @@ def _plain_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
         ) from None
 
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(MetaForward, nn.Module):
     """Any timm model with ``forward_intermediates``, behind dinoapp's backbone contract.
 
     Attributes (as :class:`~dinoapp.backbone.DinoBackbone`): ``patch_size`` (stride of stage
@@ -200,7 +201,8 @@ class TimmBackbone(nn.Module):
             stages = ", ".join(f"{i}: stride {d['reduction']}, {d['num_chs']} ch" for i, d in enumerate(info))
             raise ConfigError(f"out_index={out_index} is out of range for {model_name}'s {n_stages} stages ({stages})")
         out_index = int(out_index) % n_stages
-        if hasattr(model, "prune_intermediate_layers"):
+        self.pruned = hasattr(model, "prune_intermediate_layers")
+        if self.pruned:
             # stages after out_index, the final norm and the classifier head would never run: drop them
             model.prune_intermediate_layers([out_index], prune_norm=True, prune_head=True)
 
@@ -406,21 +408,7 @@ class TimmBackbone(nn.Module):
                 B = tokens.shape[0]
                 tokens = tokens.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous()  # [B, C_i, h, w]
             patches.append(tokens)
-        if return_class_token and return_extra_tokens:
-            return tuple(zip(patches, cls_tokens, extra))
-        if return_class_token:
-            return tuple(zip(patches, cls_tokens))
-        if return_extra_tokens:
-            return tuple(zip(patches, extra))
-        return tuple(patches)
-
-    def forward(self, x, masks=None, is_training: bool = False):
-        """The image embedding (normed pooled token, [B, D]); ``is_training=True`` returns the
-        ``forward_features`` dict(s) as Meta's models do."""
-        out = self.forward_features(x, masks)
-        if is_training:
-            return out
-        return out["x_norm_clstoken"]
+        return pack_layers(patches, cls_tokens, extra, return_class_token, return_extra_tokens)
 
     # --- weights --------------------------------------------------------------------------------
     def load_state_dict_checked(self, sd: Mapping[str, torch.Tensor]) -> None:

@@ -48,6 +48,9 @@ def test_student_overrides_by_index_and_whole_list():
         ("data.global_sizes=[64,96]", "one global size"),
         ("eval.seg_images=x", "go together"),
         ("optim.layer_decay=0", "layer_decay"),  # the shared sections keep their own range checks
+        ("students.0.optim={schedule: cosin}", "students.0.optim.schedule"),  # so do a student's own settings
+        ("students.0.optim={ema_momentum: 1.5}", "students.0.optim.ema_momentum"),
+        ("students.1.optim={lr: -1}", "students.1.optim.lr"),
     ],
 )
 def test_config_errors_name_the_key(override, match):

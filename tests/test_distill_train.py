@@ -384,18 +384,20 @@ def test_cli_smoke_run_with_probe_evaluation(files, tmp_path):
 
 def test_student_net_modules_follow_the_recipe():
     bb = load_backbone("vit_tiny", depth=1, seed=0)
-    net = StudentNet(bb, teacher_dim=384, features=True, projector="auto", patch_features=False)
+    net = StudentNet(bb, teacher_dim=384, cls_features=True, patch_features=False, projector="auto")
     assert net.cls_proj is not None and net.patch_proj is None and net.dino_head is None
     out = net(torch.randn(4, 3, 32, 32), None, None)
     assert out["cls_proj"].shape == (4, 384) and "patch_proj" not in out
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one(files, tmp_path):
+@pytest.mark.parametrize("terms", [["loss.mode=both"], ["loss.mode=features", "loss.cls_weight=0"]])
+def test_torchrun_two_processes_match_one(files, tmp_path, terms):
     """Both students trained as DDP over 2 processes (gloo) == 1 process: the same crops, patch
-    positions, Sinkhorn-Knopp over all processes, one teacher replica per process."""
+    positions, Sinkhorn-Knopp over all processes, one teacher replica per process. A term switched
+    off leaves no module without gradients behind (DDP would stop)."""
     args = ["--config", "distill-cpu-smoke", "--data", str(files["train"]), "--teacher", str(files["teacher_heads"]),
-            "loss.mode=both", "loss.koleo_weight=0", "train.steps=4", "run.progress=false", "run.ckpt_every=100",
+            *terms, "loss.koleo_weight=0", "train.steps=4", "run.progress=false", "run.ckpt_every=100",
             "eval.n_probes=2"]  # fmt: skip
     one = _cli(["distill", *args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
@@ -415,12 +417,13 @@ def test_torchrun_two_processes_match_one(files, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     state, _ = runstate.latest_checkpoint(tmp_path / "one")
     for name in ("vit", "cnn"):  # and training did change the students
-        init = T.build_student(load_distill_config("distill-cpu-smoke", [f"teacher.backbone={files['teacher_heads']}",
-                               "loss.mode=both"]), ["vit", "cnn"].index(name),
-                               T.build_teacher(load_distill_config("distill-cpu-smoke", [
-                                   f"teacher.backbone={files['teacher_heads']}"]), torch.device("cpu")),
-                               True, True, torch.device("cpu")).state_dict()  # fmt: skip
-        moved += sum(not torch.equal(v, state["students"][name]["net"][k]) for k, v in init.items())
+        cfg = load_distill_config("distill-cpu-smoke", [f"teacher.backbone={files['teacher_heads']}", *terms])
+        teacher = T.build_teacher(cfg, torch.device("cpu"))
+        heads, feats = T.resolve_mode(cfg.loss.mode, True)
+        init = T.build_student(cfg, ["vit", "cnn"].index(name), teacher, heads, feats, torch.device("cpu"))
+        saved = state["students"][name]["net"]
+        assert saved.keys() == init.state_dict().keys()
+        moved += sum(not torch.equal(v, saved[k]) for k, v in init.state_dict().items())
     assert moved > 20
 
 
@@ -467,3 +470,37 @@ def test_cuda_bf16_distillation(files, tmp_path, extra):
     rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r[f"{n}/skipped"] == 0 and r[f"{n}/loss"] == r[f"{n}/loss"] for r in rows for n in ("vit", "cnn"))
     assert set(res.exported) == {"vit", "cnn"}
+
+
+def test_batchnorm_student_ema_keeps_running_statistics(files, tmp_path):
+    """A ResNet student: the exported EMA model carries the trained BatchNorm statistics, not the
+    initial zeros/ones (an EMA over parameters alone would leave them there)."""
+    res = {"name": "resnet", "backbone": "timm:resnet10t", "arch_overrides": {"out_index": 3}}
+    out = T.distill(_cfg(files, [res], "loss.mode=features", "eval.n_probes=2", steps=3), tmp_path / "bn")
+    state, _ = runstate.latest_checkpoint(tmp_path / "bn")
+    net, ema = state["students"]["resnet"]["net"], state["students"]["resnet"]["ema"]
+    stats = [k for k in net if k.endswith("running_var")]
+    assert stats and all(torch.equal(net[k], ema[k]) for k in stats)
+    assert not torch.allclose(ema[stats[0]], torch.ones_like(ema[stats[0]]))
+    bb = load_backbone(out.exported["resnet"])
+    loaded = dict(bb.state_dict())
+    assert torch.equal(loaded[stats[0].removeprefix("backbone.")], ema[stats[0]])
+
+
+def test_shared_head_teacher_gives_ibot_targets_from_its_dino_head(files, tmp_path):
+    bb = load_backbone(files["teacher_heads"])
+    bb.pretrained_heads.pop("ibot_head")  # a DINOv2-style teacher: one head for both terms
+    single = save_backbone(bb, tmp_path / "single.safetensors")
+    cfg = _cfg({**files, "teacher_heads": single}, [VIT_S], "loss.mode=heads", heads=True, steps=2)
+    eng, _, it = _engine(cfg)
+    assert eng.teacher.ibot_head is None and eng.students[0].net.ibot_head is not None
+    r = eng.step(0, next(it))["vit"]
+    assert r["ok"] and "ibot" in r["losses"]
+
+
+def test_a_pretraining_folder_is_not_resumed_as_distillation(files, tmp_path):
+    from dinoapp.ssl.train import pretrain
+
+    pretrain("cpu-smoke", tmp_path / "pre", data=files["train"], overrides=["train.steps=2", "run.progress=false"])
+    with pytest.raises(ConfigError, match="holds a pretrain run"):
+        T.distill(_cfg(files, [VIT_S], steps=4), tmp_path / "pre", resume=True)

@@ -16,10 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
-from ..ssl.config import DataConfig, OptimConfig, RunConfig, _check, _coerce, _plain, build_config, preset_names
+from ..ssl.config import (
+    ConfigFile,
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    _check,
+    _coerce,
+    build_config,
+    preset_names,
+)
 
 PACKAGE = "dinoapp.distill"
 
@@ -61,7 +68,7 @@ class DistillLossConfig:
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     sk_iters: int = 3
-    dino_same_crop: bool = True  # a frozen teacher's target for the student's own crop is a valid pair
+    dino_same_crop: bool = False  # True: also the (student crop i, teacher crop i) pairs (Meta's DINO leaves them out)
     patch_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: share of patch positions distilled per image ...
     patch_sample_prob: float = 0.5  # ... in this share of the images (students see unmasked crops)
 
@@ -96,7 +103,7 @@ def _default_students() -> list[StudentConfig]:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(ConfigFile):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     students: list[StudentConfig] = field(default_factory=_default_students)
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
@@ -105,17 +112,6 @@ class DistillConfig:
     train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_yaml())
-        return path
 
     def student_optim(self, i: int) -> OptimConfig:
         """The optim section with student ``i``'s overrides applied (typed like every other key)."""
@@ -150,8 +146,15 @@ class DistillConfig:
             _check(s.projector in ("auto", "linear", "mlp", "identity"), f"students.{i}.projector",
                    "auto, linear, mlp or identity", s.projector)  # fmt: skip
             _check(0 <= s.drop_path < 1, f"students.{i}.drop_path", "in [0, 1)", s.drop_path)
-            self.student_optim(i)
-            s.optim = {k: getattr(self.student_optim(i), k) for k in s.optim}  # typed, as saved in config.yaml
+            if s.optim:  # the same range checks as the optim section, named for this student
+                from ..ssl.config import PretrainConfig
+
+                o = self.student_optim(i)
+                try:
+                    PretrainConfig(optim=o).validate()
+                except ConfigError as e:
+                    raise ConfigError(f"students.{i}.{e}") from None
+                s.optim = {k: getattr(o, k) for k in s.optim}  # typed, as saved in config.yaml
         t = c.train
         _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", "auto, fp32 or bf16", t.precision)
         _check(t.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda", t.device)

@@ -51,16 +51,17 @@ class StudentNet(nn.Module):
         backbone: nn.Module,
         *,
         teacher_dim: int,
-        features: bool,
+        cls_features: bool,
+        patch_features: bool,
         projector: str = "auto",
-        patch_features: bool = True,
         heads: tuple[DINOHead, DINOHead | None] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         d = backbone.embed_dim
-        self.cls_proj = Projector(d, teacher_dim, projector) if features else None
-        self.patch_proj = Projector(d, teacher_dim, projector) if features and patch_features else None
+        # only the modules whose terms are on: DDP needs every parameter to receive a gradient
+        self.cls_proj = Projector(d, teacher_dim, projector) if cls_features else None
+        self.patch_proj = Projector(d, teacher_dim, projector) if patch_features else None
         self.dino_head = heads[0] if heads is not None else None
         self.ibot_head = heads[1] if heads is not None else None
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,13 +36,13 @@ from ..ssl.optim import build_optimizer, param_groups, set_lr_wd
 from ..ssl.schedules import cosine, warmup_constant, warmup_cosine
 from ..ssl.train import (
     TrainingDivergedError,
-    _clip,
     _install_signal_handlers,
     _restore_signal_handlers,
     autocast_context,
-    check_resume_config,
     full_state_dict,
+    guarded_step,
     load_full_state_dict,
+    open_run,
     step_seed,
 )
 from .config import DistillConfig, load_distill_config
@@ -106,7 +105,7 @@ def build_teacher(cfg: DistillConfig, device: torch.device) -> Teacher:
 
     if not cfg.teacher.backbone:
         raise ConfigError("no teacher: set teacher.backbone (a checkpoint path, timm name or architecture name)")
-    bb = load_backbone(cfg.teacher.backbone, device=device)
+    bb = load_backbone(cfg.teacher.backbone, device=device, seed=cfg.train.seed)  # seed: arch-name teachers
     heads = bb.pretrained_heads or {}
     dino = head_from_state_dict(heads["dino_head"]).to(device) if "dino_head" in heads else None
     ibot = head_from_state_dict(heads["ibot_head"]).to(device) if dino is not None and "ibot_head" in heads else None
@@ -162,12 +161,13 @@ def build_student(cfg: DistillConfig, i: int, teacher: Teacher, use_heads: bool,
             return DINOHead(bb.embed_dim, t.n_prototypes, hidden_dim=hidden, bottleneck_dim=lin[-1].out_features,
                             n_layers=len(lin))  # fmt: skip
 
-        heads = (fresh(teacher.dino_head), fresh(teacher.ibot_head) if teacher.ibot_head is not None else None)
-        if cfg.loss.ibot_weight <= 0:
-            heads = (heads[0], None)
+        # a teacher with one shared head (DINOv2 style) gives iBOT targets from its DINO head
+        ibot_src = teacher.ibot_head if teacher.ibot_head is not None else teacher.dino_head
+        heads = (fresh(teacher.dino_head), fresh(ibot_src) if cfg.loss.ibot_weight > 0 else None)
     lo = cfg.loss
-    net = StudentNet(bb, teacher_dim=tb.embed_dim, features=use_features and (lo.cls_weight > 0 or lo.patch_weight > 0),
-                     projector=s.projector, patch_features=lo.patch_weight > 0, heads=heads)  # fmt: skip
+    net = StudentNet(bb, teacher_dim=tb.embed_dim, cls_features=use_features and lo.cls_weight > 0,
+                     patch_features=use_features and lo.patch_weight > 0, projector=s.projector,
+                     heads=heads)  # fmt: skip
     if cfg.train.grad_checkpointing:
         bb.set_grad_checkpointing(True)
     return net.to(device).train()
@@ -210,7 +210,13 @@ class DistillEngine:
 
     @property
     def features_on_locals(self) -> bool:
-        return self.use_features and self.cfg.data.n_local > 0
+        """The feature terms use local crops (the teacher sees them too); the Gram term is global-only."""
+        lo = self.cfg.loss
+        return self.use_features and self.cfg.data.n_local > 0 and (lo.cls_weight > 0 or lo.patch_weight > 0)
+
+    @property
+    def students_see_locals(self) -> bool:
+        return self.cfg.data.n_local > 0 and (self.use_heads or self.features_on_locals)
 
     def _positions(self, step: int, grid: tuple[int, int], G: int) -> torch.Tensor:
         """iBOT patch positions ``[G*b, h*w]`` of this process's images, drawn for the global batch
@@ -231,7 +237,7 @@ class DistillEngine:
         gc_t = batch["global_crops"].to(dev, non_blocking=True).flatten(0, 1)  # [G*b, C, g_t, g_t]
         lc_t = batch["local_crops"].to(dev, non_blocking=True).flatten(0, 1) if L > 0 else None  # [L*b, C, l, l]
         gc = resize_crops(gc_t, cfg.data.global_size)  # [G*b, C, g, g]: the students' crops
-        lc = resize_crops(lc_t, cfg.data.local_size) if lc_t is not None else None
+        lc = resize_crops(lc_t, cfg.data.local_size) if lc_t is not None and self.students_see_locals else None
 
         # one teacher pass for every student; per-student targets; then the raw activations are dropped
         with autocast_context(dev, cfg.train.precision):
@@ -253,6 +259,9 @@ class DistillEngine:
         positions: dict[tuple, torch.Tensor] = {}
         ibot: dict[tuple, torch.Tensor] = {}
         dino = dino_targets(self.teacher, t["cls"].float(), G, lo.teacher_temp, lo.sk_iters) if self.use_heads else None
+        cls_t = t["cls"].float()  # the feature terms' CLS targets: global rows, then local rows
+        if self.features_on_locals and lc is not None:
+            cls_t = torch.cat([cls_t, t["cls_local"].float()])
         out = []
         for st in self.students:
             bb = st.net.backbone
@@ -263,15 +272,13 @@ class DistillEngine:
             tgt: dict[str, Any] = {}
             if self.use_features:
                 tgt["patches"] = [aligned[key]]
-                cls = t["cls"].float()
                 if self.features_on_locals and lc is not None:
                     lgrid = grid_of(bb, tuple(lc.shape[-2:]))
                     lkey = ("l", lgrid)
                     if lkey not in aligned:
                         aligned[lkey] = align_patch_grid(t["patches_local"].float(), t["grid_local"], lgrid)
                     tgt["patches"].append(aligned[lkey])
-                    cls = torch.cat([cls, t["cls_local"].float()])
-                tgt["cls"] = cls  # [(G+L)*b, D_t]
+                tgt["cls"] = cls_t  # [(G+L)*b, D_t]
             if self.use_heads:
                 tgt["dino"] = dino
                 if st.net.ibot_head is not None and lo.ibot_weight > 0:
@@ -300,28 +307,20 @@ class DistillEngine:
             total = h.pop("loss")
             losses.update(h)
         if self.use_features:
-            f = feature_losses(out, tgt["cls"], tgt["patches"], kind=lo.feature_loss, cls_weight=lo.cls_weight
-                               if st.net.cls_proj is not None else 0.0, patch_weight=lo.patch_weight
-                               if st.net.patch_proj is not None else 0.0, gram_weight=lo.gram_weight)  # fmt: skip
+            f = feature_losses(out, tgt["cls"], tgt["patches"], kind=lo.feature_loss, cls_weight=lo.cls_weight,
+                               patch_weight=lo.patch_weight, gram_weight=lo.gram_weight)  # fmt: skip
             ft = f.pop("loss")
             total = ft if total is None else total + ft
             losses.update(f)
         losses["loss"] = total
         del out
-        ok = D.all_true(bool(torch.isfinite(total).item()), dev)
-        grad_norm = float("nan")
+        ok, grad_norm = guarded_step(total, st.optimizer, st.net, clip=st.optim.clip_grad,
+                                     freeze_last_layer=bool(sv["freeze_last_layer"]), device=dev)  # fmt: skip
         if ok:
-            total.backward()
-            if sv["freeze_last_layer"]:
-                for g in st.optimizer.param_groups:
-                    if g.get("is_last_layer"):
-                        for p in g["params"]:
-                            p.grad = None
-            grad_norm = _clip(st.net, st.optim.clip_grad)
-            ok = D.all_true(math.isfinite(grad_norm), dev)
-        if ok:
-            st.optimizer.step()
             ema_update(st.ema, st.net, sv["momentum"])
+            with torch.no_grad():  # buffers (BatchNorm running statistics of CNN students) follow the student
+                for be, bn in zip(st.ema.buffers(), st.net.buffers(), strict=True):
+                    be.copy_(bn)
             st.nan_run = 0
         else:
             st.nan_run += 1
@@ -355,8 +354,6 @@ class DistillEngine:
         }
 
     def load_state(self, state: dict[str, Any], path: Path) -> int:
-        if state.get("kind") != "distill":
-            raise ConfigError(f"{path} is a pretraining checkpoint, not a distillation run: choose another --out")
         saved = state.get("teacher", {}).get("sha256")
         now = self.teacher.backbone.provenance.get("sha256")
         if saved and now and saved != now:
@@ -388,6 +385,12 @@ def build_engine(cfg: DistillConfig, info: D.DistInfo) -> DistillEngine:
     students = []
     for i, s in enumerate(cfg.students):
         net = build_student(cfg, i, teacher, use_heads, use_features, dev)
+        if info.distributed and getattr(net.backbone, "pruned", True) is False:
+            raise ConfigError(f"student {s.name!r}: timm cannot prune {s.backbone}'s stages after out_index, and "
+                              "DDP rejects their unused parameters: train it in one process, or pick another "
+                              "model")  # fmt: skip
+        if info.distributed and info.device.type == "cuda":  # BatchNorm statistics over the global batch
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         if compile_blocks and _is_vit(net.backbone):
             for blk in net.backbone.blocks:
                 blk.compile()
@@ -504,23 +507,7 @@ def flush_denormals(device: torch.device):
 
 
 def _distill(cfg: DistillConfig, run_dir: Path, info: D.DistInfo, resume, stop_after) -> DistillResult:
-    if cfg.train.batch_size % info.world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly over "
-                          f"{info.world_size} processes")  # fmt: skip
-    existing = runstate.list_checkpoints(run_dir)
-    if existing and resume is False:
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
-    if not existing and resume is True:
-        raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    found = None
-    if existing and resume is not False:
-        found = runstate.latest_checkpoint(run_dir) if info.is_main else None
-        path = D.broadcast_object(None if found is None else str(found[1]))
-        if path is None:
-            raise ConfigError(f"none of the checkpoints in {run_dir / 'checkpoints'} can be read")
-        found = found if info.is_main else (runstate.load_checkpoint(path), Path(path))
-        check_resume_config(found[0].get("config", {}), cfg, found[1], RESUME_MAY_CHANGE)
+    found = open_run(run_dir, cfg, info, resume, RESUME_MAY_CHANGE, kind="distill")
     if info.is_main:
         cfg.save(run_dir / "config.yaml")
 
@@ -550,7 +537,7 @@ def _distill(cfg: DistillConfig, run_dir: Path, info: D.DistInfo, resume, stop_a
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.train.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
-    t_last = time.perf_counter()
+    t_last, step_last = time.perf_counter(), start
 
     def save(at: int) -> None:
         state = eng.state()
@@ -572,8 +559,8 @@ def _distill(cfg: DistillConfig, run_dir: Path, info: D.DistInfo, resume, stop_a
                     sv = res["sv"]
                     row.update({f"{name}/grad_norm": res["grad_norm"], f"{name}/skipped": int(not res["ok"]),
                                 f"{name}/lr": sv["lr"], f"{name}/ema_momentum": sv["momentum"]})  # fmt: skip
-                row["img_per_s"] = cfg.train.batch_size * cfg.run.log_every / max(now - t_last, 1e-9)
-                t_last = now
+                row["img_per_s"] = cfg.train.batch_size * (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
                 last = {"step": step, **row}
                 if metrics is not None:
                     metrics.write(last)
@@ -595,11 +582,12 @@ def _distill(cfg: DistillConfig, run_dir: Path, info: D.DistInfo, resume, stop_a
         save(step)
         exported: dict[str, Path] = {}
         evaluation: dict[str, Any] = {}
-        if not stopped_early and info.is_main:
-            exported = export_students(eng, run_dir, step)
-            evaluation = evaluate_run(eng, ds, run_dir)
         if not stopped_early:
-            D.barrier()
+            if info.is_main:
+                exported = export_students(eng, run_dir, step)
+            D.barrier()  # the last collective: rank 0 evaluates alone, the others are done
+            if info.is_main:
+                evaluation = evaluate_run(eng, ds, run_dir)
         return DistillResult(run_dir, step, exported, last, stopped_early, evaluation)
     finally:
         _restore_signal_handlers(old_handlers)

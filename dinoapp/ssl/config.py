@@ -150,16 +150,8 @@ class MonitorConfig:
     pca: bool = True  # a PCA map of probe image 0 at every checkpoint (run_dir/monitor/)
 
 
-@dataclass
-class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    gram: GramConfig = field(default_factory=GramConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+class ConfigFile:
+    """Plain-dict / YAML form of a config dataclass (the run folder's ``config.yaml``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -171,6 +163,18 @@ class PretrainConfig:
         path = Path(path)
         path.write_text(self.to_yaml())
         return path
+
+
+@dataclass
+class PretrainConfig(ConfigFile):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> PretrainConfig:
         """Range checks the type system cannot express (called by :func:`load_config`)."""

@@ -396,20 +396,9 @@ class Engine:
             neg = cfg.gram.remove_negatives
             losses["gram"] = gram_loss(out["patches_global"], targets["gram"], remove_negatives=neg)
             losses["loss"] = losses["loss"] + gram_w * losses["gram"]
-        loss = losses["loss"]
-        ok = D.all_true(bool(torch.isfinite(loss).item()), dev)
-        grad_norm = float("nan")
+        ok, grad_norm = guarded_step(losses["loss"], self.optimizer, self.nets, clip=cfg.optim.clip_grad,
+                                     freeze_last_layer=bool(sv["freeze_last_layer"]), device=dev)  # fmt: skip
         if ok:
-            loss.backward()
-            if sv["freeze_last_layer"]:
-                for g in self.optimizer.param_groups:
-                    if g.get("is_last_layer"):
-                        for p in g["params"]:
-                            p.grad = None
-            grad_norm = _clip(self.nets, cfg.optim.clip_grad)
-            ok = math.isfinite(grad_norm)
-        if ok:
-            self.optimizer.step()
             ema_update(self.teacher, self.nets, sv["momentum"])
             self.nan_run = 0
         else:
@@ -536,7 +525,11 @@ def frozen_backbone_copy(nets: SSLNetworks, device: torch.device):
     return _plain_backbone(nets, full_state_dict(nets)).to(device).requires_grad_(False).eval()
 
 
-def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop_after) -> RunResult:
+def open_run(run_dir: Path, cfg: Any, info: D.DistInfo, resume, may_change=RESUME_MAY_CHANGE, kind: str = "pretrain"):
+    """Check the run folder against ``resume`` (``"auto"``, True, False) and return the checkpoint to
+    continue from, ``(state, path)``, or None for a fresh run. Rank 0 picks the checkpoint and every
+    rank loads that one (a shared filesystem may lag on some nodes). ``kind``: the run type the folder
+    must hold (``pretrain`` / ``distill``). Shared with distillation."""
     if cfg.train.batch_size % info.world_size:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly over "
@@ -548,15 +541,23 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop
     if not existing and resume is True:
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    found = None
-    if existing and resume is not False:
-        # rank 0 picks the checkpoint and every rank loads that one (a shared filesystem may lag on some nodes)
-        found = runstate.latest_checkpoint(run_dir) if info.is_main else None
-        path = D.broadcast_object(None if found is None else str(found[1]))
-        if path is None:
-            raise ConfigError(f"none of the checkpoints in {run_dir / 'checkpoints'} can be read")
-        found = found if info.is_main else (runstate.load_checkpoint(path), Path(path))
-        check_resume_config(found[0].get("config", {}), cfg, found[1])
+    if not existing or resume is False:
+        return None
+    found = runstate.latest_checkpoint(run_dir) if info.is_main else None
+    path = D.broadcast_object(None if found is None else str(found[1]))
+    if path is None:
+        raise ConfigError(f"none of the checkpoints in {run_dir / 'checkpoints'} can be read")
+    found = found if info.is_main else (runstate.load_checkpoint(path), Path(path))
+    held = found[0].get("kind", "pretrain")
+    if held != kind:
+        raise ConfigError(f"{run_dir} holds a {held} run, not a {kind} run: choose another --out "
+                          f"(or `dinoapp {held} --out {run_dir} --resume` to continue it)")  # fmt: skip
+    check_resume_config(found[0].get("config", {}), cfg, found[1], may_change)
+    return found
+
+
+def _pretrain(cfg: PretrainConfig, run_dir: Path, info: D.DistInfo, resume, stop_after) -> RunResult:
+    found = open_run(run_dir, cfg, info, resume)
     if info.is_main:
         cfg.save(run_dir / "config.yaml")
 
@@ -693,6 +694,28 @@ def run_monitor(monitor, eng: Engine, step: int, *, render: bool) -> dict[str, f
     if render and eng.cfg.monitor.pca:
         monitor.render_pca(bb, step)
     return out
+
+
+def guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, module: nn.Module, *, clip: float | None,
+                 freeze_last_layer: bool, device: torch.device) -> tuple[bool, float]:  # fmt: skip
+    """Backward, the heads' last layer kept still while ``freeze_last_layer``, gradient clipping and the
+    optimizer step: skipped on every process when any process's loss is not finite, or when the
+    (all-reduced, so common) gradient norm is not. Returns ``(stepped, grad_norm)``; the caller zeroes
+    the gradients."""
+    ok = D.all_true(bool(torch.isfinite(loss).item()), device)
+    grad_norm = float("nan")
+    if ok:
+        loss.backward()
+        if freeze_last_layer:
+            for g in optimizer.param_groups:
+                if g.get("is_last_layer"):
+                    for p in g["params"]:
+                        p.grad = None
+        grad_norm = _clip(module, clip)
+        ok = math.isfinite(grad_norm)
+    if ok:
+        optimizer.step()
+    return ok, grad_norm
 
 
 def _clip(nets: nn.Module, max_norm: float | None) -> float:
