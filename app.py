@@ -1,22 +1,628 @@
-"""dinoapp's Gradio app entry point (``python app.py``).
+"""dinoapp's Gradio app: explore what a DINOv3 backbone "sees" in your images and train a head in seconds.
 
-The interactive feature explorer and head trainer is built in the app issue; until then this
-entry point says so instead of pretending. Use the library or the ``dinoapp`` CLI meanwhile.
+    python app.py                                   # released ViT-S/16 when the hub is reachable, else demo weights
+    python app.py --weights vit_large_patch16_dinov3.sat493m
+    python app.py --weights ~/models/dinov3_vitl16_pretrain_sat493m.pth --allowed-dir ~/data
+    DINOAPP_WEIGHTS=runs/s16/export/teacher_backbone.safetensors python app.py
+
+UI glue only: every computation is a library call (``dinoapp.explore``, ``dinoapp.heads``,
+``dinoapp.loading``, ``domains``). Each browser session (and each API client) has its own state:
+images, cached features, heads; backbones are loaded once per process and shared read-only.
+The server binds 127.0.0.1 unless told otherwise, limits uploads, and opens server paths only
+under ``--allowed-dir``.
 """
 
-from __future__ import annotations
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import sys
+import numpy as np
+
+import dinoapp
+from dinoapp import explore, hub
+from dinoapp.errors import ConfigError, DinoappError, InputError
+
+DEFAULT_WEIGHTS = "vit_small_patch16_dinov3.lvd1689m"
+MAX_FILES = 16  # images per explore call
+MAX_TRAIN = 24  # painted images per session
+CLASS_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (70, 240, 240)]
 
 
-def main() -> int:
-    print(
-        "The dinoapp Gradio app is not built yet (tracked in the app issue).\n"
-        "Meanwhile: `dinoapp info vits16`, or in Python `dinoapp.load_backbone(...)` and `dinoapp.extract(...)`.",
-        file=sys.stderr,
+# --- process-wide: backbones (shared, read-only) and settings -----------------------------------------
+@dataclass
+class Settings:
+    weights: str | None = None  # --weights / DINOAPP_WEIGHTS
+    allowed_dir: Path | None = None  # server paths may only be opened below this folder
+    device: str | None = None
+    max_backbones: int = 3
+
+
+class Backbones:
+    """Loaded backbones by source, least recently used dropped beyond ``max_backbones`` (thread-safe)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._items: OrderedDict[str, tuple[Any, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def default(self) -> tuple[str, Any, str]:
+        """(source, backbone, notice): ``--weights``, else the released ViT-S/16 through the hub, else demo weights."""
+        if self.settings.weights:
+            return self.get(self.settings.weights, trusted=True)
+        try:
+            return self.get(DEFAULT_WEIGHTS, trusted=True)
+        except (DinoappError, OSError):  # offline, or the hub is unreachable: demo weights
+            return self.get("demo", trusted=True)
+
+    def get(self, source: str, *, trusted: bool = False) -> tuple[str, Any, str]:
+        """(key, backbone, notice). A client may name the demo weights and the released DINOv3 models
+        (timm names, through the hub cache); anything else is a server path and must lie under
+        ``--allowed-dir`` (the key is then the resolved path). Only the operator (``--weights``,
+        ``trusted``) may name architectures with random weights or other sources."""
+        source = (source or "").strip()
+        if not source:
+            raise InputError(
+                "name a backbone: a released DINOv3 timm name (vit_small_patch16_dinov3.lvd1689m), or a checkpoint "
+                "file under the allowed folder"
+            )
+        key = source
+        if not trusted and source != "demo" and hub.split_timm_name(source) is None:
+            key = str(allowed_path(source, self.settings))
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return (key, *self._items[key])
+        if key == "demo":
+            from dinoapp.demo import DEMO_NOTICE, demo_backbone
+
+            item = (demo_backbone(device=self.settings.device), DEMO_NOTICE)
+        else:
+            item = (dinoapp.load_backbone(key, device=self.settings.device), "")
+        with self._lock:
+            self._items[key] = item
+            while len(self._items) > self.settings.max_backbones:
+                self._items.popitem(last=False)
+        return (key, *item)
+
+
+def allowed_path(path: str, settings: Settings) -> Path:
+    """``path`` resolved, if it lies under ``--allowed-dir``; otherwise a readable refusal."""
+    if settings.allowed_dir is None:
+        raise InputError(
+            "opening files on the server by path is off: upload the file instead, or start the app "
+            "with --allowed-dir DIR"
+        )
+    p = Path(path).expanduser().resolve()
+    root = settings.allowed_dir.resolve()
+    if p != root and root not in p.parents:
+        raise InputError(f"{path} is outside the allowed folder {root}")
+    if not p.exists():
+        raise InputError(f"{path}: no such file or folder under {root}")
+    return p
+
+
+def describe_backbone(source: str, bb, notice: str = "") -> str:
+    """What a visitor may see of a backbone: names, architecture, normalisation; for files only the file name."""
+    prov = bb.provenance
+    if Path(source).expanduser().exists():
+        source = Path(source).name
+    arch = bb.arch.to_dict()
+    kind = (
+        f"timm {arch['model_name']}"
+        if arch.get("family") == "timm"
+        else (f"ViT dim {bb.embed_dim}, {bb.n_blocks} blocks, patch {bb.patch_size}, {bb.n_registers} registers")
     )
-    return 1
+    n = sum(p.numel() for p in bb.parameters())
+    lines = [
+        f"**{source}**: {kind}, {n / 1e6:.1f}M parameters, {bb.in_chans} input channels",
+        f"normalisation: mean {tuple(round(m, 3) for m in bb.mean)}, std {tuple(round(s, 3) for s in bb.std)}"
+        f" ({prov.get('normalisation', 'file')})",
+        f"weights: {prov.get('weights', prov.get('layout', '?'))}; sha256 {str(prov.get('sha256') or '-')[:16]}",
+    ]
+    if notice:
+        lines.insert(0, f"> **Demo weights.** {notice}")
+    return "\n\n".join(lines)
+
+
+# --- per-session state -----------------------------------------------------------------------------------
+@dataclass
+class Session:
+    """One browser tab's (or API client's) data; never shared."""
+
+    sources: dict[str, str] = field(default_factory=dict)  # slot "A"/"B" -> backbone source
+    images: list[explore.LoadedImage] = field(default_factory=list)  # explorer gallery; [0] is the current image
+    views: dict[tuple, Any] = field(default_factory=dict)  # (slot, image index, resolution, layer) -> FeatureView
+    resolution: int = 448
+    layer: int | None = None
+    train: list[tuple[explore.LoadedImage, np.ndarray]] = field(default_factory=list)  # (image, scribble mask)
+    class_names: list[str] = field(default_factory=list)
+    head: Any = None
+    head_slot: str = "A"
+    open_opts: dict = field(default_factory=dict)  # the explorer's bands / window: the head trainer reads alike
+    _out: Path | None = None
+
+    @property
+    def out_dir(self) -> Path:
+        """This session's download folder (made on first use, removed when the session ends)."""
+        if self._out is None:
+            self._out = Path(tempfile.mkdtemp(prefix="dinoapp-"))
+        return self._out
+
+    def close(self) -> None:
+        if self._out is not None:
+            shutil.rmtree(self._out, ignore_errors=True)
+
+
+class App:
+    """The handlers behind the UI and the API; each takes and returns the session."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.backbones = Backbones(settings)
+        self.default_source, _, self.default_notice = self.backbones.default()
+        self.trusted = {self.default_source, self.settings.weights}
+
+    # --- backbones -------------------------------------------------------------------------------
+    def backbone(self, s: Session, slot: str = "A"):
+        source = s.sources.get(slot, self.default_source if slot == "A" else None)
+        if source is None:
+            return None, ""
+        _, bb, notice = self.backbones.get(source, trusted=source in self.trusted)
+        return bb, notice
+
+    def load_backbone(self, s: Session | None, source: str, slot: str = "A") -> tuple[Session, str]:
+        s = s or Session()
+        if slot not in ("A", "B"):
+            raise InputError("slot must be A (main) or B (comparison)")
+        if slot == "B" and not source.strip():
+            s.sources.pop("B", None)
+            return s, "comparison backbone removed"
+        key, bb, notice = self.backbones.get(source)
+        s.sources[slot] = key  # the resolved path: later lookups hit the cache
+        s.views = {k: v for k, v in s.views.items() if k[0] != slot}  # features of the old backbone are stale
+        return s, describe_backbone(source.strip(), bb, notice)
+
+    def backbone_info(self, s: Session | None) -> tuple[Session, str]:
+        s = s or Session()
+        bb, notice = self.backbone(s, "A")
+        return s, describe_backbone(s.sources.get("A", self.default_source), bb, notice)
+
+    # --- explorer --------------------------------------------------------------------------------
+    def view(self, s: Session, slot: str, index: int = 0, *, compute: bool = True):
+        """The features of gallery image ``index`` for backbone ``slot`` (None without that backbone).
+        Only queued handlers compute (``compute=True``); a click uses what is cached."""
+        bb, _ = self.backbone(s, slot)
+        if bb is None:
+            return None
+        key = (slot, index, s.resolution, s.layer)
+        if key not in s.views:
+            if not compute:
+                return None
+            s.views[key] = explore.FeatureView(bb, s.images[index], resolution=s.resolution, layer=s.layer)
+        return s.views[key]
+
+    def explore(
+        self,
+        s: Session | None,
+        files: Any,
+        resolution: int = 448,
+        layer: int | None = None,
+        bands: str = "",
+        window: str = "auto",
+        slice_index: int = -1,
+        foreground: bool = False,
+    ) -> tuple[Session, np.ndarray, np.ndarray, np.ndarray | None, dict]:
+        """Open the image(s), compute features, return (image, PCA map A, PCA map B or None, info)."""
+        s = s or Session()
+        paths = _paths(files)
+        if not paths:
+            raise InputError("upload an image (PNG, JPEG, TIFF), a GeoTIFF or a DICOM file")
+        if len(paths) > MAX_FILES:
+            raise InputError(f"{len(paths)} files: explore at most {MAX_FILES} at a time")
+        band_sel = _bands(bands)
+        win = None if window in ("", "auto", None) else window
+        s.open_opts = {"bands": band_sel, "dicom_window": win}
+        sl = None if slice_index in (None, -1) else int(_number(slice_index, "slice"))
+        if len(paths) > 1 and all(_is_dicom(p) for p in paths):  # the files of one series: one volume, a slice
+            s.images = [explore.open_image(paths, bands=band_sel, dicom_window=win, slice_index=sl)]
+        else:
+            s.images = [explore.open_image(p, bands=band_sel, dicom_window=win, slice_index=sl) for p in paths]
+        s.views = {}
+        s.resolution = int(resolution)
+        s.layer = None if layer in (None, "", -1) else int(layer)
+        img = s.images[0]
+        va = self.view(s, "A")
+        for i in range(1, len(s.images)):  # cross-image similarity and the joint PCA need them: compute now (queued)
+            self.view(s, "A", i)
+        pca_a = va.pca(foreground=bool(foreground))
+        vb = self.view(s, "B")
+        pca_b = vb.pca(foreground=bool(foreground)) if vb is not None else None
+        info = {
+            "name": img.name,
+            "kind": img.kind,
+            "size": list(img.rgb.shape[:2]),
+            "grid": list(va.grid),
+            "slices": img.n_slices,
+            "slice": img.slice_index,
+            "images": len(s.images),
+            "meta": img.meta,
+        }
+        return s, img.rgb, pca_a, pca_b, info
+
+    def similarity(
+        self, s: Session | None, x: float, y: float, k: int = 5, target: int = 0
+    ) -> tuple[Session, np.ndarray, np.ndarray | None, list]:
+        """Cosine similarity of the patch under pixel (x, y) of the current image to every patch of
+        image ``target`` of the gallery (0 = itself), for backbone A (and B when loaded)."""
+        if s is None or not s.images:
+            raise InputError("explore an image first, then click on it")
+        x, y, k, target = _number(x, "x"), _number(y, "y"), int(_number(k, "k")), int(_number(target, "target"))
+        if not 0 <= int(target) < len(s.images):
+            raise InputError(f"target image {target} is not in the gallery of {len(s.images)} image(s)")
+        out = []
+        for slot in ("A", "B"):
+            v = self.view(s, slot, compute=False)
+            other = self.view(s, slot, int(target), compute=False) if int(target) else None
+            if v is None or (int(target) and other is None):
+                if slot == "A":
+                    raise InputError("press Explore first (features are computed there, so clicks are instant)")
+                out.append(None)  # no comparison backbone (or not for that image)
+                continue
+            out.append(v.similarity(float(x), float(y), other=other, k=int(k)))
+        top = [{"row": r, "col": c, "score": round(float(sc), 4)} for r, c, sc in out[0].top_k]
+        return s, out[0].overlay, (out[1].overlay if out[1] is not None else None), top
+
+    def gallery(self, s: Session | None, foreground: bool = False) -> tuple[Session, list[np.ndarray]]:
+        """PCA maps of every gallery image in one shared basis (colours comparable across images)."""
+        if s is None or not s.images:
+            raise InputError("explore one or more images first")
+        views = [self.view(s, "A", i) for i in range(len(s.images))]
+        return s, explore.joint_pca(views, foreground=bool(foreground))
+
+    def download_maps(self, s: Session | None, foreground: bool = False) -> tuple[Session, list[str]]:
+        """The current image's PCA map as PNG, and as a georeferenced GeoTIFF for GeoTIFF inputs."""
+        if s is None or not s.images:
+            raise InputError("explore an image first")
+        v = self.view(s, "A")
+        stem = Path(s.images[0].name).stem
+        files = [str(explore.export_png(v.pca(foreground=bool(foreground)), s.out_dir / f"{stem}_pca.png"))]
+        if s.images[0].geo is not None:
+            grid = explore.pca_grid(v, foreground=bool(foreground))  # one pixel per patch, on the input raster
+            files.append(str(explore.export_geotiff(grid, s.images[0], s.out_dir / f"{stem}_pca.tif")))
+        return s, files
+
+    # --- head trainer ----------------------------------------------------------------------------
+    def add_scribbles(self, s: Session | None, file: Any, editor: Any, class_names: str) -> tuple[Session, str]:
+        """Add one training image with its painted scribbles (class i = colour i of the palette)."""
+        s = s or Session()
+        names = [n.strip() for n in (class_names or "").split(",") if n.strip()]
+        if len(names) < 2:
+            raise InputError("name at least two classes, separated by commas (e.g. water, land)")
+        if len(names) > len(CLASS_COLORS):
+            raise InputError(f"at most {len(CLASS_COLORS)} classes (one brush colour each)")
+        if len(s.train) >= MAX_TRAIN:
+            raise InputError(f"{MAX_TRAIN} painted images are enough for a linear head: train now")
+        if s.class_names and names != s.class_names:
+            s.train, s.head = [], None  # a new class list starts a new training set
+        s.class_names = names
+        paths = _paths(file)
+        if not paths:
+            raise InputError("upload the image you painted on")
+        img = explore.open_image(paths[0], **s.open_opts)
+        mask = explore.scribble_mask(editor, CLASS_COLORS[: len(names)], shape=img.size)
+        painted = {names[c]: int((mask == c).sum()) for c in range(len(names)) if (mask == c).any()}
+        if not painted:
+            raise InputError("no scribbles found: paint over the image with the class colours first")
+        s.train.append((img, mask))
+        return s, f"{len(s.train)} training image(s); painted pixels: {painted}"
+
+    def train_head(self, s: Session | None, epochs: int = 100, progress=None) -> tuple[Session, np.ndarray, dict]:
+        if s is None or not s.train:
+            raise InputError("add at least one painted image first")
+        views = [
+            explore.FeatureView(self.backbone(s, "A")[0], img, resolution=s.resolution, layer=s.layer)
+            for img, _ in s.train
+        ]
+        head = explore.fit_head_from_scribbles(
+            views,
+            [m for _, m in s.train],
+            len(s.class_names),
+            class_names=s.class_names,
+            epochs=int(epochs),
+            progress=progress,
+        )
+        s.head, s.head_slot = head, "A"
+        labels, _ = explore.predict(head, views[0])
+        mask = s.train[0][1]
+        known = mask != 255
+        acc = float((labels[known] == mask[known]).mean()) if known.any() else None
+        overlay = explore.label_overlay(s.train[0][0], labels, colors=CLASS_COLORS[: len(s.class_names)])
+        return s, overlay, {"scribble_accuracy": acc, "classes": s.class_names}
+
+    def predict(self, s: Session | None, file: Any, mask_file: Any = None) -> tuple[Session, np.ndarray, dict, list]:
+        if s is None or s.head is None:
+            raise InputError("train or load a head first")
+        paths = _paths(file)
+        if not paths:
+            raise InputError("upload an image to predict on")
+        img = explore.open_image(paths[0], **s.open_opts)
+        # the head's own settings (a loaded head may come from another session)
+        res = (getattr(s.head, "preprocessing", None) or {}).get("resolution") or s.resolution
+        layers = getattr(s.head, "layers", None)
+        v = explore.FeatureView(self.backbone(s, s.head_slot)[0], img, resolution=res,
+                                layer=int(layers[0]) if layers else None)  # fmt: skip
+        labels, _ = explore.predict(s.head, v)
+        stem = Path(img.name).stem
+        files = [str(explore.export_png(labels, s.out_dir / f"{stem}_mask.png"))]
+        if img.geo is not None:
+            files.append(
+                str(
+                    explore.export_geotiff(
+                        labels, img, s.out_dir / f"{stem}_mask.tif", kind="labels", class_names=s.class_names
+                    )
+                )
+            )
+        metrics: dict[str, Any] = {
+            "classes": s.class_names,
+            "pixels": {n: int((labels == i).sum()) for i, n in enumerate(s.class_names)},
+        }
+        gt = _paths(mask_file)
+        if gt:
+            from dinoapp.labelled import read_mask
+            from dinoapp.metrics import mean_iou
+
+            truth = read_mask(gt[0])
+            if truth.shape != labels.shape:
+                raise InputError(f"the ground-truth mask is {truth.shape}, the image {labels.shape}")
+            metrics["miou"] = round(float(mean_iou(truth, labels, len(s.class_names))), 4)
+        return s, explore.label_overlay(img, labels, colors=CLASS_COLORS[: len(s.class_names)]), metrics, files
+
+    def save_head(self, s: Session | None) -> tuple[Session, str]:
+        if s is None or s.head is None:
+            raise InputError("train a head first")
+        bb, _ = self.backbone(s, s.head_slot)
+        return s, str(dinoapp.heads.save_head(s.head, s.out_dir / "head.safetensors", backbone=bb))
+
+    def load_head(self, s: Session | None, file: Any) -> tuple[Session, str]:
+        s = s or Session()
+        paths = _paths(file)
+        if not paths:
+            raise InputError("upload a head file (.safetensors) saved by dinoapp")
+        bb, _ = self.backbone(s, "A")
+        s.head = dinoapp.heads.load_head(paths[0], backbone=bb)  # refuses a head made with another backbone
+        s.head_slot = "A"
+        s.class_names = list(getattr(s.head, "class_names", None) or s.class_names)
+        return s, f"head loaded: {type(s.head).__name__}, classes {s.class_names}"
+
+
+# --- small glue helpers --------------------------------------------------------------------------------
+def _paths(files: Any) -> list[str]:
+    if files is None:
+        return []
+    if isinstance(files, (list, tuple)):
+        return [p for f in files for p in _paths(f)]
+    if isinstance(files, dict):  # gradio FileData
+        return [files["path"]] if files.get("path") else []
+    return [str(getattr(files, "name", files))]
+
+
+def _is_dicom(path: str) -> bool:
+    import domains
+
+    try:
+        return domains.reader_for(path)[0] == "dicom"
+    except (ValueError, OSError):
+        return False
+
+
+def _number(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+
+
+def _bands(text: str | None):
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.lower() == "rgb":
+        return "rgb"
+    return [int(b) if b.strip().isdigit() else b.strip() for b in text.split(",") if b.strip()]
+
+
+# --- the UI --------------------------------------------------------------------------------------------
+def build_ui(app: App):
+    import gradio as gr
+
+    def safe(fn):
+        """Every handler error becomes a readable message in the UI; the app keeps serving."""
+
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except (DinoappError, ConfigError, InputError, ValueError, OSError, ImportError) as e:
+                raise gr.Error(str(e)) from None
+            except MemoryError:
+                raise gr.Error("not enough memory for this image at this resolution: lower the resolution") from None
+            except (TypeError, RuntimeError) as e:  # e.g. an API call with a missing value
+                raise gr.Error(f"could not do that ({type(e).__name__}: {e})") from None
+
+        run.__name__ = fn.__name__
+        run.__doc__ = fn.__doc__
+        return run
+
+    # uploads (possibly DICOM: PHI at rest) and outputs are deleted after an hour; a session's state after 6 h idle
+    with gr.Blocks(title="dinoapp: DINOv3 feature explorer", delete_cache=(3600, 3600)) as demo:
+        state = gr.State(None, time_to_live=6 * 3600, delete_callback=lambda s: s.close() if s else None)
+        gr.Markdown("# dinoapp\nExplore DINOv3 dense features and train a head on a few scribbles.")
+        notice = gr.Markdown(
+            describe_backbone(app.default_source, *app.backbones.get(app.default_source, trusted=True)[1:])
+        )
+        with gr.Tab("Backbone"):
+            with gr.Row():
+                source = gr.Textbox(
+                    label="backbone: timm name, architecture, or a file under the allowed folder",
+                    value=app.default_source,
+                )
+                slot = gr.Radio(["A", "B"], value="A", label="slot (B = comparison)")
+            load_btn = gr.Button("Load backbone")
+            load_btn.click(safe(app.load_backbone), [state, source, slot], [state, notice], api_name="load_backbone")
+        with gr.Tab("Explorer"):
+            with gr.Row():
+                files = gr.File(
+                    label="image(s): PNG/JPEG/TIFF, GeoTIFF, DICOM", file_count="multiple", elem_id="explore-files"
+                )
+                with gr.Column():
+                    resolution = gr.Slider(112, 1024, value=448, step=16, label="processing resolution (long side)")
+                    layer = gr.Number(value=-1, precision=0, label="layer (-1 = last)")
+                    bands = gr.Textbox(label="GeoTIFF bands (e.g. rgb or 4,3,2)", value="")
+                    window = gr.Dropdown(["auto", *explore.window_presets()], value="auto", label="DICOM window")
+                    slice_index = gr.Number(value=-1, precision=0, label="DICOM slice (-1 = middle)")
+                    foreground = gr.Checkbox(label="PCA on foreground only")
+            explore_btn = gr.Button("Explore", variant="primary", elem_id="explore-btn")
+            with gr.Row():
+                image = gr.Image(
+                    label="image (click a patch)",
+                    type="numpy",
+                    format="png",
+                    interactive=False,
+                    elem_id="explore-image",
+                )
+                pca_a = gr.Image(label="PCA (A)", type="numpy", format="png", interactive=False)
+                pca_b = gr.Image(label="PCA (B)", type="numpy", format="png", interactive=False)
+            with gr.Row():
+                sim_a = gr.Image(label="similarity (A)", type="numpy", format="png", interactive=False, elem_id="sim-a")
+                sim_b = gr.Image(label="similarity (B)", type="numpy", format="png", interactive=False)
+                with gr.Column():
+                    k = gr.Slider(1, 20, value=5, step=1, label="top-k matches")
+                    target = gr.Number(value=0, precision=0, label="compare with gallery image #")
+                    top = gr.JSON(label="top-k patches")
+                    info = gr.JSON(label="image info (technical metadata only)")
+            x = gr.Number(visible=False)
+            y = gr.Number(visible=False)
+            gallery = gr.Gallery(label="gallery: one shared PCA basis", format="png")
+            with gr.Row():
+                gallery_btn = gr.Button("Joint PCA of all images")
+                maps_btn = gr.Button("Download maps")
+            maps = gr.File(label="maps (PNG, GeoTIFF)", file_count="multiple")
+            explore_btn.click(
+                safe(app.explore),
+                [state, files, resolution, layer, bands, window, slice_index, foreground],
+                [state, image, pca_a, pca_b, info],
+                api_name="explore",
+            )
+
+            def clicked(s, kk, tgt, evt: gr.SelectData):
+                s, a, b, t = safe(app.similarity)(s, evt.index[0], evt.index[1], kk, tgt)
+                return s, a, b, t, evt.index[0], evt.index[1]
+
+            # a click costs milliseconds (cached features): it skips the queue that long work waits in
+            image.select(clicked, [state, k, target], [state, sim_a, sim_b, top, x, y], api_name=False, queue=False)
+            sim_btn = gr.Button("Similarity at (x, y)", visible=False)
+            sim_btn.click(safe(app.similarity), [state, x, y, k, target], [state, sim_a, sim_b, top],
+                          api_name="similarity", queue=False)  # fmt: skip
+            gallery_btn.click(safe(app.gallery), [state, foreground], [state, gallery], api_name="gallery")
+            maps_btn.click(safe(app.download_maps), [state, foreground], [state, maps], api_name="download_maps")
+        with gr.Tab("Head trainer"):
+            gr.Markdown(
+                "Paint a few strokes per class (colour 1 = first class, ...), add the image, repeat, then train."
+            )
+            with gr.Row():
+                train_file = gr.File(label="image to paint on", elem_id="train-file")
+                editor = gr.ImageEditor(
+                    label="scribbles",
+                    type="numpy",
+                    format="png",
+                    brush=gr.Brush(colors=[f"rgb{c}" for c in CLASS_COLORS], color_mode="fixed", default_size=6),
+                    elem_id="editor",
+                )
+            class_names = gr.Textbox(
+                label="class names, comma separated", value="class 1, class 2", elem_id="class-names"
+            )
+
+            def to_editor(s, f):  # the display image (DICOM windowed, bands as explored) as the canvas background
+                paths = _paths(f)
+                return safe(explore.open_image)(paths[0], **(s.open_opts if s else {})).rgb if paths else None
+
+            train_file.change(to_editor, [state, train_file], editor, api_name=False)
+            with gr.Row():
+                add_btn = gr.Button("Add painted image", elem_id="add-btn")
+                epochs = gr.Slider(10, 500, value=100, step=10, label="epochs")
+                train_btn = gr.Button("Train head", variant="primary", elem_id="train-btn")
+            status = gr.Markdown(elem_id="status")
+            with gr.Row():
+                train_pred = gr.Image(
+                    label="prediction on the painted image", type="numpy", format="png", elem_id="train-pred"
+                )
+                train_metrics = gr.JSON(label="training")
+            add_btn.click(
+                safe(app.add_scribbles),
+                [state, train_file, editor, class_names],
+                [state, status],
+                api_name="add_scribbles",
+            )
+
+            def train(s, ep, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's idiom
+                return safe(app.train_head)(s, ep, progress=progress)
+
+            train_btn.click(train, [state, epochs], [state, train_pred, train_metrics], api_name="train_head")
+            with gr.Row():
+                new_file = gr.File(label="new image")
+                gt_file = gr.File(label="ground-truth mask (optional, PNG class ids)")
+            predict_btn = gr.Button("Predict")
+            with gr.Row():
+                pred = gr.Image(label="prediction", type="numpy", format="png")
+                pred_metrics = gr.JSON(label="prediction")
+            pred_files = gr.File(label="predicted mask (PNG, GeoTIFF)", file_count="multiple")
+            predict_btn.click(
+                safe(app.predict),
+                [state, new_file, gt_file],
+                [state, pred, pred_metrics, pred_files],
+                api_name="predict",
+            )
+            with gr.Row():
+                save_btn = gr.Button("Save head")
+                head_out = gr.File(label="head file")
+                head_in = gr.File(label="load a head")
+                load_head_btn = gr.Button("Load head")
+            save_btn.click(lambda s: safe(app.save_head)(s), state, [state, head_out], api_name="save_head")
+            load_head_btn.click(safe(app.load_head), [state, head_in], [state, status], api_name="load_head")
+        demo.load(safe(app.backbone_info), state, [state, notice], api_name="backbone_info")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=os.environ.get("DINOAPP_WEIGHTS"), help="backbone (also DINOAPP_WEIGHTS)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument(
+        "--allowed-dir",
+        default=os.environ.get("DINOAPP_ALLOWED_DIR"),
+        help="server folder whose files may be opened by path (default: none, uploads only)",
+    )
+    ap.add_argument("--max-upload-mb", type=int, default=500)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    settings = Settings(
+        weights=args.weights,
+        allowed_dir=Path(args.allowed_dir).expanduser() if args.allowed_dir else None,
+        device=args.device,
+    )
+    demo = build_ui(App(settings))
+    demo.queue(default_concurrency_limit=2).launch(
+        server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb"
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

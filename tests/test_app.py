@@ -1,0 +1,278 @@
+"""The Gradio app: handlers (the library glue), every API endpoint through gradio_client, sessions kept apart."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gr = pytest.importorskip("gradio")
+import app as A  # noqa: E402
+from dinoapp import load_backbone  # noqa: E402
+from dinoapp.checkpoint import save_backbone  # noqa: E402
+from dinoapp.errors import InputError  # noqa: E402
+
+RED, BLUE = (200, 40, 40), (40, 60, 200)
+
+
+def tiny(path: Path, seed: int = 0) -> Path:
+    """A tiny ViT whose features depend on the image (LayerScale 0.5; a random init's 1e-5 would not)."""
+    bb = load_backbone("vit_tiny", depth=2, seed=seed)
+    with torch.no_grad():
+        for n, p in bb.named_parameters():
+            if "gamma" in n:
+                p.fill_(0.5)
+    return save_backbone(bb, path)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("w")
+    tiny(folder / "other.safetensors", seed=1)  # a second backbone to compare with (slot B)
+    return tiny(folder / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def the_app(weights) -> A.App:
+    return A.App(A.Settings(weights=str(weights), allowed_dir=weights.parent))
+
+
+def two_regions(path: Path, w: int = 128, h: int = 96, split: int = 64, seed: int = 0) -> tuple[Path, np.ndarray]:
+    """Left red, right blue (with noise); returns the PNG and the true labels (0 left, 1 right)."""
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.float32)
+    img[:, :split] = RED
+    img[:, split:] = BLUE
+    img += g.normal(0, 12, img.shape)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+    truth = np.zeros((h, w), np.uint8)
+    truth[:, split:] = 1
+    return path, truth
+
+
+def strokes(h: int, w: int, split: int) -> dict:
+    """An ImageEditor value with one stroke per class (class colours of the app's palette)."""
+    layer = np.zeros((h, w, 4), np.uint8)
+    layer[20:30, 10 : split - 10] = (*A.CLASS_COLORS[0], 255)
+    layer[60:70, split + 10 : w - 10] = (*A.CLASS_COLORS[1], 255)
+    return {"background": np.zeros((h, w, 4), np.uint8), "layers": [layer], "composite": layer}
+
+
+# --- handlers --------------------------------------------------------------------------------------------
+def test_explore_and_click_similarity_peaks_at_the_clicked_patch(the_app, tmp_path):
+    png, _ = two_regions(tmp_path / "a.png")
+    s, rgb, pca_a, pca_b, info = the_app.explore(None, [str(png)], resolution=128)
+    assert rgb.shape == (96, 128, 3) and pca_a.shape == (96, 128, 3) and pca_b is None
+    assert info["grid"] == [6, 8] and info["name"] == "a.png"
+    for x, y in ((5.0, 5.0), (100.0, 80.0), (70.0, 40.0)):
+        s, overlay, _, top = the_app.similarity(s, x, y, k=3)
+        assert overlay.shape == (96, 128, 3)
+        # the clicked pixel's patch (resolution 128 = the image size: 16 px patches) is the best match
+        assert (top[0]["row"], top[0]["col"]) == (int(y // 16), int(x // 16)) and top[0]["score"] > 0.99
+
+
+def test_second_backbone_gives_side_by_side_maps(the_app, weights, tmp_path):
+    png, _ = two_regions(tmp_path / "a.png")
+    s, _ = the_app.load_backbone(None, str(weights.parent / "other.safetensors"), "B")
+    s, _, pca_a, pca_b, _ = the_app.explore(s, [str(png)], resolution=128)
+    assert pca_b is not None and pca_b.shape == pca_a.shape
+    s, sim_a, sim_b, _ = the_app.similarity(s, 10, 10)
+    assert sim_b is not None and sim_b.shape == sim_a.shape
+
+
+def test_scribbles_train_a_head_that_separates_two_regions(the_app, tmp_path):
+    png, truth = two_regions(tmp_path / "train.png")
+    s, msg = the_app.add_scribbles(None, str(png), strokes(96, 128, 64), "red, blue")
+    assert "1 training image" in msg
+    s, overlay, m = the_app.train_head(s, epochs=60)
+    assert overlay.shape == (96, 128, 3) and m["scribble_accuracy"] >= 0.9
+    new, new_truth = two_regions(tmp_path / "new.png", split=40, seed=1)  # another boundary, new noise
+    mask_path = tmp_path / "new_mask.png"
+    from PIL import Image
+
+    Image.fromarray(new_truth).save(mask_path)
+    s, pred, metrics, files = the_app.predict(s, str(new), str(mask_path))
+    assert metrics["miou"] >= 0.8, metrics
+    assert Path(files[0]).suffix == ".png" and np.asarray(Image.open(files[0])).shape == (96, 128)
+    s, head_file = the_app.save_head(s)
+    s2, msg = the_app.load_head(None, head_file)  # a fresh session: the head brings its own layer and resolution
+    _, _, metrics2, _ = the_app.predict(s2, str(new), str(mask_path))
+    assert metrics2["miou"] == metrics["miou"]
+
+
+def test_geotiff_maps_are_georeferenced(the_app, tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from tests.geo_factory import make_geotiff, smooth_bands
+
+    tif = make_geotiff(tmp_path / "scene.tif", smooth_bands(4, 96, 128))
+    s, rgb, _, _, info = the_app.explore(None, [str(tif)], resolution=128)  # > 3 unnamed bands: 1, 2, 3
+    assert info["kind"] == "geotiff"
+    s, files = the_app.download_maps(s)
+    assert [Path(f).suffix for f in files] == [".png", ".tif"]
+    with rasterio.open(tif) as src, rasterio.open(files[1]) as out:
+        assert out.crs == src.crs
+        assert out.bounds == pytest.approx(src.bounds, abs=1e-6)  # the same footprint, on the patch grid
+
+
+def test_bad_inputs_give_readable_errors(the_app, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises((ValueError, OSError)) as e:
+        the_app.explore(None, [str(bad)])
+    assert "broken.png" in str(e.value)
+    with pytest.raises(InputError, match="explore an image first"):
+        the_app.similarity(None, 1, 1)
+    with pytest.raises(InputError, match="at most 6 classes"):
+        png, _ = two_regions(tmp_path / "p.png")
+        the_app.add_scribbles(None, str(png), strokes(96, 128, 64), "a, b, c, d, e, f, g")
+    with pytest.raises(InputError, match="must be a number"):
+        s, *_ = the_app.explore(None, [str(png)], resolution=128)
+        the_app.similarity(s, None, 3)
+    with pytest.raises(InputError, match="no scribbles"):
+        png, _ = two_regions(tmp_path / "p.png")
+        empty = {"background": None, "layers": [np.zeros((96, 128, 4), np.uint8)], "composite": None}
+        the_app.add_scribbles(None, str(png), empty, "a, b")
+
+
+def test_backbone_names_a_client_may_use(weights, tmp_path, monkeypatch):
+    """Clients name released models or files under --allowed-dir; nothing else reaches load_backbone."""
+    monkeypatch.chdir(weights.parent)  # bare names must not resolve against the server's working folder
+    no_dir = A.App(A.Settings(weights=str(weights)))
+    for name in (".", "..", ".git", "tiny.safetensors", "vit_tiny", "vit7b16", "timm:resnet50", "/etc/passwd"):
+        with pytest.raises(InputError, match="by path is off"):
+            no_dir.load_backbone(None, name)
+    import huggingface_hub.constants as c
+
+    from dinoapp.errors import HubUnavailableError
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+
+    with pytest.raises(HubUnavailableError):  # a release name goes to the hub cache, not to the path check
+        no_dir.load_backbone(None, "vit_large_patch16_dinov3.sat493m")
+
+
+def test_server_paths_only_under_the_allowed_folder(weights, tmp_path):
+    allowed = tmp_path / "ok"
+    allowed.mkdir()
+    inside = allowed / "bb.safetensors"
+    inside.write_bytes(weights.read_bytes())
+    app = A.App(A.Settings(weights=str(weights), allowed_dir=allowed))
+    s, text = app.load_backbone(None, str(inside))
+    assert "ViT dim 192" in text
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(weights.read_bytes())
+    with pytest.raises(InputError, match="outside the allowed folder"):
+        app.load_backbone(s, str(outside))  # a real file, but not under the allowed folder
+    with pytest.raises(InputError, match="outside the allowed folder"):
+        app.load_backbone(s, str(allowed / ".." / outside.name))
+
+
+def test_offline_default_is_the_demo_backbone_with_a_notice(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    app = A.App(A.Settings())
+    assert app.default_source == "demo" and "demo" in app.default_notice.lower()
+    _, text = app.backbone_info(None)
+    assert "Demo weights" in text
+
+
+# --- the server: every endpoint through gradio_client, two sessions at once -----------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(the_app):
+    demo = A.build_ui(the_app)
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def test_every_endpoint_through_the_api(server, weights, tmp_path):
+    server_weights = weights.parent
+    from gradio_client import handle_file
+    from PIL import Image
+
+    c = _client(server)
+    info = c.predict(api_name="/backbone_info")
+    assert "ViT dim 192" in info
+    assert "ViT dim 192" in c.predict(str(Path(server_weights) / "other.safetensors"), "B", api_name="/load_backbone")
+    png, truth = two_regions(tmp_path / "a.png")
+    img, pca_a, pca_b, meta = c.predict([handle_file(png)], 128, -1, "", "auto", 0, False, api_name="/explore")
+    assert np.asarray(Image.open(img)).shape == (96, 128, 3) and Path(pca_a).suffix == ".png"
+    assert pca_b is not None and meta["grid"] == [6, 8]
+    sim_a, sim_b, top = c.predict(100, 20, 3, 0, api_name="/similarity")
+    assert (top[0]["row"], top[0]["col"]) == (1, 6)
+    assert np.asarray(Image.open(sim_a)).shape == (96, 128, 3)
+    gallery = c.predict(False, api_name="/gallery")
+    assert len(gallery) == 1
+    maps = c.predict(False, api_name="/download_maps")
+    assert [Path(m).suffix for m in maps] == [".png"]
+    # head trainer: an ImageEditor value travels as files
+    layer = tmp_path / "layer.png"
+    Image.fromarray(strokes(96, 128, 64)["layers"][0]).save(layer)
+    editor = {"background": handle_file(png), "layers": [handle_file(layer)], "composite": handle_file(layer)}
+    status = c.predict(handle_file(png), editor, "red, blue", api_name="/add_scribbles")
+    assert "1 training image" in status
+    pred_img, metrics = c.predict(60, api_name="/train_head")
+    assert metrics["scribble_accuracy"] >= 0.9
+    mask = tmp_path / "mask.png"
+    Image.fromarray(truth).save(mask)
+    pred, m, files = c.predict(handle_file(png), handle_file(mask), api_name="/predict")
+    assert m["miou"] >= 0.8 and np.asarray(Image.open(files[0])).shape == (96, 128)
+    head = c.predict(api_name="/save_head")
+    assert "head loaded" in c.predict(handle_file(head), api_name="/load_head")
+    with pytest.raises(Exception, match="explore an image first|outside|by path is off"):
+        c.predict("/etc/passwd.pth", "A", api_name="/load_backbone")
+
+
+def test_two_sessions_keep_their_own_images(server, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import handle_file
+    from PIL import Image
+
+    small, _ = two_regions(tmp_path / "small.png", w=64, h=48, split=32)
+    big, _ = two_regions(tmp_path / "big.png", w=160, h=112, split=80, seed=3)
+    c1, c2 = _client(server), _client(server)
+
+    def run(c, p):
+        c.predict([handle_file(p)], 112, -1, "", "auto", 0, False, api_name="/explore")
+        return c.predict(5, 5, 3, 0, api_name="/similarity")
+
+    with ThreadPoolExecutor(2) as ex:
+        r1, r2 = ex.map(run, (c1, c2), (small, big))
+    assert np.asarray(Image.open(r1[0])).shape[:2] == (48, 64)
+    assert np.asarray(Image.open(r2[0])).shape[:2] == (112, 160)
+    # and a third client that never explored sees nothing of theirs
+    with pytest.raises(Exception, match="explore an image first"):
+        _client(server).predict(5, 5, 3, 0, api_name="/similarity")
+
+
+def test_a_dicom_series_upload_is_one_volume_with_a_slice_control(the_app, tmp_path):
+    pytest.importorskip("pydicom")
+    from tests.dicom_factory import make_series
+
+    paths, _, _ = make_series(tmp_path / "series", n=5, rows=48, cols=48)
+    s, rgb, _, _, info = the_app.explore(None, paths, resolution=48, window="lung", slice_index=1)
+    assert info["kind"] == "dicom" and info["images"] == 1 and info["slices"] == 5 and info["slice"] == 1
+    assert "PatientName" not in str(info["meta"])
+    _, _, _, _, middle = the_app.explore(s, paths, resolution=48, slice_index=-1)
+    assert middle["slice"] == 2
