@@ -27,17 +27,23 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SourceNotFoundError
+from ..errors import DinoappError, SourceNotFoundError
 
 PRESET = "demo-weights"  # the recipe: dinoapp/ssl/presets/demo-weights.yaml
 WEIGHTS_NAME = "dinoapp-demo-vit.safetensors"
 DEMO_WEIGHTS: Path = Path(str(resources.files(__name__) / "weights" / WEIGHTS_NAME))
 MAX_BYTES = 25 * 2**20  # the issue's limit for shipped weights
 
+
+class DemoBuildStoppedError(DinoappError, RuntimeError):
+    """The demo pretraining run stopped before its last step (SIGTERM, Ctrl-C): rerun the same build
+    command with the same ``--work-dir`` to resume it."""
+
+
 DEMO_NOTICE = (
     "Demo weights: a small ViT trained by dinoapp from scratch on a handful of sample images "
-    "(scikit-image's bundled photos and dinoapp's GeoTIFF samples; no Meta weights), because the "
-    "DINOv3 hub could not be reached. Features, maps and heads are illustrative only. Load real DINOv3 "
+    "(scikit-image's bundled photos and dinoapp's GeoTIFF samples; no Meta weights), used when the DINOv3 "
+    "weights cannot be fetched. Features, maps and heads are illustrative only. Load real DINOv3 "
     "weights with `python app.py --weights PATH_OR_TIMM_NAME`, the environment variable DINOAPP_WEIGHTS, "
     "or the backbone panel: a timm name such as `vit_small_patch16_dinov3.lvd1689m` (needs the hub or "
     "its local cache) or a downloaded Meta file such as `dinov3_vits16_pretrain_lvd1689m-08c60483.pth`."
@@ -205,7 +211,11 @@ def build_demo_weights(
         names = prepare_demo_data(data_dir)
         res = pretrain(cfg, work / "run", data=data_dir, resume="auto")
         if res.stopped_early:
-            raise RuntimeError(f"demo pretraining stopped at step {res.step}; rerun to resume from {work / 'run'}")
+            raise DemoBuildStoppedError(
+                f"demo pretraining stopped at step {res.step} of {cfg.train.steps}; rerun the same command with "
+                f"--work-dir {work} (work_dir=) to resume it"
+                + ("" if tmp is None else " (this run used a temporary folder, which is removed: pass --work-dir)")
+            )
         bb = load_backbone(res.exported["dinoapp"])
         bb.pretrained_heads = {}  # backbone only: the heads (prototypes) are not needed for features
         bb.provenance = {
@@ -252,6 +262,7 @@ def provenance(path: str | os.PathLike = DEMO_WEIGHTS) -> dict[str, Any]:
 __all__ = [
     "DEMO_NOTICE",
     "DEMO_WEIGHTS",
+    "DemoBuildStoppedError",
     "HELD_OUT",
     "PRESET",
     "build_demo_weights",
