@@ -41,6 +41,7 @@ class Settings:
     allowed_dir: Path | None = None  # server paths may only be opened below this folder
     device: str | None = None
     max_backbones: int = 3
+    session_mb: int = 2048  # images + features one session may hold (--session-mb)
 
 
 class Backbones:
@@ -60,11 +61,12 @@ class Backbones:
         except (DinoappError, OSError):  # offline, or the hub is unreachable: demo weights
             return self.get("demo", trusted=True)
 
-    def get(self, source: str, *, trusted: bool = False) -> tuple[str, Any, str]:
+    def get(self, source: str, *, trusted: bool = False, uploaded: bool = False) -> tuple[str, Any, str]:
         """(key, backbone, notice). A client may name the demo weights and the released DINOv3 models
-        (timm names, through the hub cache); anything else is a server path and must lie under
-        ``--allowed-dir`` (the key is then the resolved path). Only the operator (``--weights``,
-        ``trusted``) may name architectures with random weights or other sources."""
+        (timm names, through the hub cache), or upload a checkpoint (``uploaded``: a file in gradio's
+        upload folder); anything else is a server path and must lie under ``--allowed-dir`` (the key is
+        then the resolved path). Only the operator (``--weights``, ``trusted``) may name architectures
+        with random weights or other sources."""
         source = (source or "").strip()
         if not source:
             raise InputError(
@@ -72,7 +74,9 @@ class Backbones:
                 "file under the allowed folder"
             )
         key = source
-        if not trusted and source != "demo" and hub.split_timm_name(source) is None:
+        if uploaded:
+            key = str(uploaded_path(source))
+        elif not trusted and source != "demo" and hub.split_timm_name(source) is None:
             key = str(allowed_path(source, self.settings))
         with self._lock:
             if key in self._items:
@@ -107,6 +111,21 @@ def allowed_path(path: str, settings: Settings) -> Path:
     return p
 
 
+def uploaded_path(path: str) -> Path:
+    """``path`` resolved, if it is a file gradio received as an upload (its upload folder), else a refusal."""
+    from gradio.utils import get_upload_folder
+
+    p = Path(path).resolve()
+    root = Path(get_upload_folder()).resolve()
+    if root not in p.parents:
+        raise InputError("only an uploaded checkpoint can be loaded this way")
+    if not p.is_file():
+        raise InputError(
+            "the uploaded checkpoint is no longer on the server (uploads are kept an hour): upload it again"
+        )
+    return p
+
+
 def describe_backbone(source: str, bb, notice: str = "") -> str:
     """What a visitor may see of a backbone: names, architecture, normalisation; for files only the file name."""
     prov = bb.provenance
@@ -136,6 +155,7 @@ class Session:
     """One browser tab's (or API client's) data; never shared."""
 
     sources: dict[str, str] = field(default_factory=dict)  # slot "A"/"B" -> backbone source
+    uploaded: set[str] = field(default_factory=set)  # sources that are checkpoints this session uploaded
     images: list[explore.LoadedImage] = field(default_factory=list)  # explorer gallery; [0] is the current image
     views: dict[tuple, Any] = field(default_factory=dict)  # (slot, image index, resolution, layer) -> FeatureView
     resolution: int = 448
@@ -153,6 +173,12 @@ class Session:
         if self._out is None:
             self._out = Path(tempfile.mkdtemp(prefix="dinoapp-"))
         return self._out
+
+    def nbytes(self) -> int:
+        """Memory this session holds: its images (gallery and training), features and masks."""
+        imgs = {id(im): im for im in [*self.images, *(im for im, _ in self.train)]}
+        return (sum(im.nbytes for im in imgs.values()) + sum(v.nbytes for v in self.views.values())
+                + sum(m.nbytes for _, m in self.train))  # fmt: skip
 
     def close(self) -> None:
         if self._out is not None:
@@ -173,20 +199,50 @@ class App:
         source = s.sources.get(slot, self.default_source if slot == "A" else None)
         if source is None:
             return None, ""
-        _, bb, notice = self.backbones.get(source, trusted=source in self.trusted)
+        _, bb, notice = self.backbones.get(source, trusted=source in self.trusted, uploaded=source in s.uploaded)
         return bb, notice
 
     def load_backbone(self, s: Session | None, source: str, slot: str = "A") -> tuple[Session, str]:
+        """Backbone ``slot`` (A = main, B = comparison) from a timm name, "demo", or a file under the allowed
+        folder; an empty source removes B."""
         s = s or Session()
         if slot not in ("A", "B"):
             raise InputError("slot must be A (main) or B (comparison)")
-        if slot == "B" and not source.strip():
+        if slot == "B" and not (source or "").strip():
             s.sources.pop("B", None)
+            s.views = {k: v for k, v in s.views.items() if k[0] != "B"}
             return s, "comparison backbone removed"
         key, bb, notice = self.backbones.get(source)
+        return self._use(s, slot, key, bb, notice, label=source.strip())
+
+    def upload_backbone(self, s: Session | None, file: Any, slot: str = "A") -> tuple[Session, str]:
+        """Backbone ``slot`` from an uploaded checkpoint (Meta .pth, timm/HF .safetensors or .bin, a dinoapp run's
+        export); read with ``weights_only`` (no code runs), layout detected like ``dinoapp.load_backbone``."""
+        s = s or Session()
+        if slot not in ("A", "B"):
+            raise InputError("slot must be A (main) or B (comparison)")
+        paths = _paths(file)
+        if not paths:
+            raise InputError("choose a checkpoint file to upload (.pth, .pt, .safetensors, .bin)")
+        key, bb, notice = self.backbones.get(paths[0], uploaded=True)
+        s.uploaded.add(key)
+        return self._use(s, slot, key, bb, notice, label=Path(paths[0]).name)
+
+    def _use(self, s: Session, slot: str, key: str, bb, notice: str, label: str) -> tuple[Session, str]:
         s.sources[slot] = key  # the resolved path: later lookups hit the cache
         s.views = {k: v for k, v in s.views.items() if k[0] != slot}  # features of the old backbone are stale
-        return s, describe_backbone(source.strip(), bb, notice)
+        return s, describe_backbone(label, bb, notice)
+
+    def _fits(self, s: Session, undo) -> None:
+        """Refuse (after ``undo()``) what would make this session hold more than ``--session-mb``."""
+        used, cap = s.nbytes(), self.settings.session_mb * 2**20
+        if used > cap:
+            undo()
+            raise InputError(
+                f"that needs {used / 2**20:.0f} MB of images and features in your session, over this app's limit of "
+                f"{self.settings.session_mb} MB per session: use fewer or smaller images or a lower processing "
+                "resolution (the operator sets the limit with --session-mb)"
+            )
 
     def backbone_info(self, s: Session | None) -> tuple[Session, str]:
         s = s or Session()
@@ -229,19 +285,31 @@ class App:
         win = None if window in ("", "auto", None) else window
         s.open_opts = {"bands": band_sel, "dicom_window": win}
         sl = None if slice_index in (None, -1) else int(_number(slice_index, "slice"))
-        if len(paths) > 1 and all(_is_dicom(p) for p in paths):  # the files of one series: one volume, a slice
-            s.images = [explore.open_image(paths, bands=band_sel, dicom_window=win, slice_index=sl)]
-        else:
-            s.images = [explore.open_image(p, bands=band_sel, dicom_window=win, slice_index=sl) for p in paths]
+        dicoms = [p for p in paths if _is_dicom(p)] if len(paths) > 1 else []
+        images = []
+        for p in paths:
+            if len(dicoms) > 1 and p in dicoms:  # several DICOM files: one series, one volume, at the first one
+                if p == dicoms[0]:
+                    images.append(explore.open_image(dicoms, bands=band_sel, dicom_window=win, slice_index=sl))
+            else:
+                images.append(explore.open_image(p, bands=band_sel, dicom_window=win, slice_index=sl))
+        s.images = images
         s.views = {}
+
+        def undo():
+            s.images, s.views = [], {}
+
+        self._fits(s, undo)
         s.resolution = int(resolution)
         s.layer = None if layer in (None, "", -1) else int(layer)
         img = s.images[0]
         va = self.view(s, "A")
         for i in range(1, len(s.images)):  # cross-image similarity and the joint PCA need them: compute now (queued)
             self.view(s, "A", i)
+            self._fits(s, undo)
         pca_a = va.pca(foreground=bool(foreground))
         vb = self.view(s, "B")
+        self._fits(s, undo)
         pca_b = vb.pca(foreground=bool(foreground)) if vb is not None else None
         info = {
             "name": img.name,
@@ -320,32 +388,139 @@ class App:
         if not painted:
             raise InputError("no scribbles found: paint over the image with the class colours first")
         s.train.append((img, mask))
+        self._fits(s, s.train.pop)
         return s, f"{len(s.train)} training image(s); painted pixels: {painted}"
 
     def train_head(self, s: Session | None, epochs: int = 100, progress=None) -> tuple[Session, np.ndarray, dict]:
+        """A linear segmentation head on the painted images (frozen features of backbone A)."""
         if s is None or not s.train:
             raise InputError("add at least one painted image first")
-        views = [
-            explore.FeatureView(self.backbone(s, "A")[0], img, resolution=s.resolution, layer=s.layer)
-            for img, _ in s.train
+        return self._fit_seg(s, epochs, progress)
+
+    def train_from_masks(
+        self, s: Session | None, images: Any, masks: Any, class_names: str = "", epochs: int = 100, progress=None
+    ) -> tuple[Session, np.ndarray, dict]:
+        """A linear segmentation head from uploaded images and their label masks (single-band PNG/TIFF of class
+        indices, 255 = unlabelled), matched by file name: ``a.jpg`` <-> ``a.png`` or ``a_mask.png``.
+        Replaces the painted training set. Class names: comma separated, else ``class 0, class 1, ...``."""
+        from dinoapp.labelled import read_mask
+
+        s = s or Session()
+        ims, ms = _paths(images), _paths(masks)
+        if not ims or not ms:
+            raise InputError(
+                "upload the images and their masks (single-band PNG of class indices, 255 = unlabelled), matched by "
+                "file name: a.jpg <-> a.png or a_mask.png"
+            )
+        if len(ims) > MAX_TRAIN:
+            raise InputError(f"{len(ims)} images: train from at most {MAX_TRAIN} here (use `dinoapp fit-seg` for more)")
+        by_stem: dict[str, str] = {}
+        for m in ms:
+            stem = Path(m).stem
+            by_stem[stem] = m
+            by_stem.setdefault(stem.removesuffix("_mask"), m)
+        missing = [Path(i).name for i in ims if Path(i).stem not in by_stem]
+        if missing:
+            raise InputError(
+                f"no mask for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: name each mask like its "
+                "image (a.jpg <-> a.png or a_mask.png)"
+            )
+        train = []
+        for i in ims:
+            img, mask = explore.open_image(i, **s.open_opts), read_mask(by_stem[Path(i).stem])
+            if mask.shape != img.size:
+                raise InputError(
+                    f"{Path(by_stem[Path(i).stem]).name} is {mask.shape[1]}x{mask.shape[0]} pixels but "
+                    f"{Path(i).name} is {img.size[1]}x{img.size[0]}: a mask must match its image"
+                )
+            train.append((img, mask.astype(np.int64)))
+        labelled = [m[m != explore.UNLABELLED] for _, m in train]
+        top = max((int(v.max()) for v in labelled if v.size), default=-1)
+        if top < 0:
+            raise InputError("the masks have no labelled pixel (all 255 = unlabelled)")
+        names = [n.strip() for n in (class_names or "").split(",") if n.strip()] or [
+            f"class {k}" for k in range(top + 1)
         ]
+        if top >= len(names):
+            raise InputError(f"the masks use class index {top}, but {len(names)} class names were given")
+        if len(names) > len(CLASS_COLORS):
+            raise InputError(f"at most {len(CLASS_COLORS)} classes here (one display colour each)")
+        old = (s.train, s.class_names, s.head)
+        s.train, s.class_names, s.head = train, names, None
+
+        def undo():
+            s.train, s.class_names, s.head = old
+
+        self._fits(s, undo)
+        return self._fit_seg(s, epochs, progress)
+
+    def _fit_seg(self, s: Session, epochs: int, progress) -> tuple[Session, np.ndarray, dict]:
+        from dinoapp.metrics import segmentation_report
+
+        bb = self.backbone(s, "A")[0]
+        views = [explore.FeatureView(bb, img, resolution=s.resolution, layer=s.layer) for img, _ in s.train]
+        masks = [m for _, m in s.train]
         head = explore.fit_head_from_scribbles(
-            views,
-            [m for _, m in s.train],
-            len(s.class_names),
-            class_names=s.class_names,
-            epochs=int(epochs),
-            progress=progress,
+            views, masks, len(s.class_names), class_names=s.class_names, epochs=int(epochs), progress=progress
         )
         s.head, s.head_slot = head, "A"
-        labels, _ = explore.predict(head, views[0])
-        mask = s.train[0][1]
-        known = mask != 255
-        acc = float((labels[known] == mask[known]).mean()) if known.any() else None
-        overlay = explore.label_overlay(s.train[0][0], labels, colors=CLASS_COLORS[: len(s.class_names)])
-        return s, overlay, {"scribble_accuracy": acc, "classes": s.class_names}
+        preds = [explore.predict(head, v)[0] for v in views]
+        # on the labelled pixels of the training images (the scribbles themselves, or the uploaded masks)
+        truth = np.concatenate([m.ravel() for m in masks])
+        report = segmentation_report(truth, np.concatenate([p.ravel() for p in preds]), len(s.class_names),
+                                     s.class_names, ignore_index=explore.UNLABELLED)  # fmt: skip
+        acc = report["pixel_accuracy"]
+        overlay = explore.label_overlay(s.train[0][0], preds[0], colors=CLASS_COLORS[: len(s.class_names)])
+        return s, overlay, {"scribble_accuracy": acc, "train_miou": report["mean_iou"], "images": len(views),
+                            "classes": s.class_names}  # fmt: skip
 
-    def predict(self, s: Session | None, file: Any, mask_file: Any = None) -> tuple[Session, np.ndarray, dict, list]:
+    def train_classifier(
+        self, s: Session | None, images: Any, labels_csv: Any = None, labels: str = "", kind: str = "knn"
+    ) -> tuple[Session, list[list]]:
+        """An image classifier (k-NN or logistic regression on CLS features of backbone A) from uploaded images and
+        their labels: a CSV with columns ``path,label`` (path = the file name), or labels typed one per image
+        in upload order (comma or newline separated)."""
+        s = s or Session()
+        ims = _paths(images)
+        if len(ims) < 2:
+            raise InputError("upload at least two labelled images")
+        if len(ims) > 4 * MAX_TRAIN:
+            raise InputError(f"{len(ims)} images: at most {4 * MAX_TRAIN} here (use `dinoapp fit-knn` for more)")
+        csv = _paths(labels_csv)
+        if csv:
+            from dinoapp.labelled import read_label_csv
+
+            paths, labs = read_label_csv(csv[0])
+            table = {Path(p).name: lab for p, lab in zip(paths, labs)}
+            missing = [Path(i).name for i in ims if Path(i).name not in table]
+            if missing:
+                raise InputError(f"the CSV has no row for {', '.join(missing[:3])}: its 'path' column names each file")
+            ys = [table[Path(i).name] for i in ims]
+        else:
+            ys = [x.strip() for x in (labels or "").replace("\n", ",").split(",") if x.strip()]
+            if len(ys) != len(ims):
+                raise InputError(f"{len(ys)} labels for {len(ims)} images: give one label per image, in upload order, "
+                                 "or a CSV with columns path,label")  # fmt: skip
+        if len(set(ys)) < 2:
+            raise InputError("the labels name only one class: a classifier needs at least two")
+        bb = self.backbone(s, "A")[0]
+        views = [explore.FeatureView(bb, explore.open_image(i, **s.open_opts), resolution=s.resolution, layer=s.layer)
+                 for i in ims]  # fmt: skip
+        clf = explore.fit_classifier(views, ys, kind=kind)
+        s.head, s.head_slot = clf, "A"
+        s.class_names = [str(c) for c in clf.classes_]
+        rows = []
+        for i, v, y in zip(ims, views, ys):
+            pred = next(iter(explore.classify(clf, v).items()))
+            rows.append([Path(i).name, y, pred[0], round(pred[1], 3)])
+        return s, rows
+
+    def predict(
+        self, s: Session | None, file: Any, mask_file: Any = None, true_label: str = ""
+    ) -> tuple[Session, np.ndarray, dict, list]:
+        """The head on a new image: (overlay, metrics, downloads). A segmentation head gives a mask (PNG, and
+        GeoTIFF for GeoTIFF inputs; mIoU when a ground-truth mask is given); a classifier gives class
+        probabilities (and whether it is right when the true label is given)."""
         if s is None or s.head is None:
             raise InputError("train or load a head first")
         paths = _paths(file)
@@ -357,6 +532,13 @@ class App:
         layers = getattr(s.head, "layers", None)
         v = explore.FeatureView(self.backbone(s, s.head_slot)[0], img, resolution=res,
                                 layer=int(layers[0]) if layers else None)  # fmt: skip
+        if _is_classifier(s.head):
+            proba = explore.classify(s.head, v)
+            best = next(iter(proba))
+            out: dict[str, Any] = {"predicted": best, "probabilities": {c: round(q, 4) for c, q in proba.items()}}
+            if (true_label or "").strip():
+                out["correct"] = best == true_label.strip()
+            return s, img.rgb, out, []
         labels, _ = explore.predict(s.head, v)
         stem = Path(img.name).stem
         files = [str(explore.export_png(labels, s.out_dir / f"{stem}_mask.png"))]
@@ -387,7 +569,11 @@ class App:
         if s is None or s.head is None:
             raise InputError("train a head first")
         bb, _ = self.backbone(s, s.head_slot)
-        return s, str(dinoapp.heads.save_head(s.head, s.out_dir / "head.safetensors", backbone=bb))
+        source = s.sources.get(s.head_slot, self.default_source)
+        name = Path(source).name if source in s.uploaded or Path(source).expanduser().exists() else source
+        # the file leaves the server: it names the backbone by file name, never by a server path
+        path = dinoapp.heads.save_head(s.head, s.out_dir / "head.safetensors", backbone=bb, source=name)
+        return s, str(path)
 
     def load_head(self, s: Session | None, file: Any) -> tuple[Session, str]:
         s = s or Session()
@@ -397,11 +583,18 @@ class App:
         bb, _ = self.backbone(s, "A")
         s.head = dinoapp.heads.load_head(paths[0], backbone=bb)  # refuses a head made with another backbone
         s.head_slot = "A"
-        s.class_names = list(getattr(s.head, "class_names", None) or s.class_names)
+        names = getattr(s.head, "class_names", None)
+        if _is_classifier(s.head):
+            names = [str(c) for c in s.head.classes_]
+        s.class_names = list(names or s.class_names)
         return s, f"head loaded: {type(s.head).__name__}, classes {s.class_names}"
 
 
 # --- small glue helpers --------------------------------------------------------------------------------
+def _is_classifier(head: Any) -> bool:
+    return hasattr(head, "predict_proba") and hasattr(head, "classes_")
+
+
 def _paths(files: Any) -> list[str]:
     if files is None:
         return []
@@ -476,6 +669,16 @@ def build_ui(app: App):
                 slot = gr.Radio(["A", "B"], value="A", label="slot (B = comparison)")
             load_btn = gr.Button("Load backbone")
             load_btn.click(safe(app.load_backbone), [state, source, slot], [state, notice], api_name="load_backbone")
+            with gr.Row():
+                ckpt = gr.File(
+                    label="or upload a checkpoint (Meta .pth, .safetensors, .bin; read as weights only, no code runs)",
+                    file_types=[".pth", ".pt", ".safetensors", ".bin"],
+                    elem_id="ckpt-file",
+                )
+                upload_btn = gr.Button("Load uploaded checkpoint")
+            upload_btn.click(
+                safe(app.upload_backbone), [state, ckpt, slot], [state, notice], api_name="upload_backbone"
+            )
         with gr.Tab("Explorer"):
             with gr.Row():
                 files = gr.File(
@@ -486,7 +689,8 @@ def build_ui(app: App):
                     layer = gr.Number(value=-1, precision=0, label="layer (-1 = last)")
                     bands = gr.Textbox(label="GeoTIFF bands (e.g. rgb or 4,3,2)", value="")
                     window = gr.Dropdown(["auto", *explore.window_presets()], value="auto", label="DICOM window")
-                    slice_index = gr.Number(value=-1, precision=0, label="DICOM slice (-1 = middle)")
+                    slice_index = gr.Number(value=-1, precision=0, visible=False)  # the API's slice (-1 = middle)
+                    slice_slider = gr.Slider(0, 1, value=0, step=1, label="slice", visible=False, elem_id="slice")
                     foreground = gr.Checkbox(label="PCA on foreground only")
             explore_btn = gr.Button("Explore", variant="primary", elem_id="explore-btn")
             with gr.Row():
@@ -500,13 +704,16 @@ def build_ui(app: App):
                 pca_a = gr.Image(label="PCA (A)", type="numpy", format="png", interactive=False)
                 pca_b = gr.Image(label="PCA (B)", type="numpy", format="png", interactive=False)
             with gr.Row():
-                sim_a = gr.Image(label="similarity (A)", type="numpy", format="png", interactive=False, elem_id="sim-a")
-                sim_b = gr.Image(label="similarity (B)", type="numpy", format="png", interactive=False)
+                # JPEG: a heatmap over the photo encodes in ~2 ms (PNG ~55 ms at 512 px): clicks stay instant
+                sim_a = gr.Image(
+                    label="similarity (A)", type="numpy", format="jpeg", interactive=False, elem_id="sim-a"
+                )
+                sim_b = gr.Image(label="similarity (B)", type="numpy", format="jpeg", interactive=False)
                 with gr.Column():
                     k = gr.Slider(1, 20, value=5, step=1, label="top-k matches")
                     target = gr.Number(value=0, precision=0, label="compare with gallery image #")
-                    top = gr.JSON(label="top-k patches")
-                    info = gr.JSON(label="image info (technical metadata only)")
+                    top = gr.JSON(label="top-k patches", elem_id="topk")
+                    info = gr.JSON(label="image info (technical metadata only)", elem_id="info")
             x = gr.Number(visible=False)
             y = gr.Number(visible=False)
             gallery = gr.Gallery(label="gallery: one shared PCA basis", format="png")
@@ -514,12 +721,23 @@ def build_ui(app: App):
                 gallery_btn = gr.Button("Joint PCA of all images")
                 maps_btn = gr.Button("Download maps")
             maps = gr.File(label="maps (PNG, GeoTIFF)", file_count="multiple")
-            explore_btn.click(
-                safe(app.explore),
-                [state, files, resolution, layer, bands, window, slice_index, foreground],
-                [state, image, pca_a, pca_b, info],
-                api_name="explore",
+            explore_inputs = [state, files, resolution, layer, bands, window, slice_index, foreground]
+            explore_outputs = [state, image, pca_a, pca_b, info]
+
+            def slices(s):  # a volume: the slider spans its slices
+                img = s.images[0] if s and s.images else None
+                n = img.n_slices if img is not None else 1
+                return gr.update(minimum=0, maximum=max(n - 1, 1), value=img.slice_index if img else 0, visible=n > 1)
+
+            explore_btn.click(safe(app.explore), explore_inputs, explore_outputs, api_name="explore").success(
+                slices, state, slice_slider, api_name=False, queue=False
             )
+            files.change(lambda: (-1, gr.update(visible=False)), None, [slice_index, slice_slider], api_name=False,
+                         queue=False)  # fmt: skip
+            # moved by the user (mouse or keys; not by the update above): that slice, the last one while dragging
+            slice_slider.input(
+                lambda v: v, slice_slider, slice_index, api_name=False, queue=False, trigger_mode="always_last"
+            ).then(safe(app.explore), explore_inputs, explore_outputs, api_name=False)
 
             def clicked(s, kk, tgt, evt: gr.SelectData):
                 s, a, b, t = safe(app.similarity)(s, evt.index[0], evt.index[1], kk, tgt)
@@ -533,51 +751,95 @@ def build_ui(app: App):
             gallery_btn.click(safe(app.gallery), [state, foreground], [state, gallery], api_name="gallery")
             maps_btn.click(safe(app.download_maps), [state, foreground], [state, maps], api_name="download_maps")
         with gr.Tab("Head trainer"):
-            gr.Markdown(
-                "Paint a few strokes per class (colour 1 = first class, ...), add the image, repeat, then train."
-            )
-            with gr.Row():
-                train_file = gr.File(label="image to paint on", elem_id="train-file")
-                editor = gr.ImageEditor(
-                    label="scribbles",
-                    type="numpy",
-                    format="png",
-                    brush=gr.Brush(colors=[f"rgb{c}" for c in CLASS_COLORS], color_mode="fixed", default_size=6),
-                    elem_id="editor",
-                )
-            class_names = gr.Textbox(
-                label="class names, comma separated", value="class 1, class 2", elem_id="class-names"
-            )
-
-            def to_editor(s, f):  # the display image (DICOM windowed, bands as explored) as the canvas background
-                paths = _paths(f)
-                return safe(explore.open_image)(paths[0], **(s.open_opts if s else {})).rgb if paths else None
-
-            train_file.change(to_editor, [state, train_file], editor, api_name=False)
-            with gr.Row():
-                add_btn = gr.Button("Add painted image", elem_id="add-btn")
-                epochs = gr.Slider(10, 500, value=100, step=10, label="epochs")
-                train_btn = gr.Button("Train head", variant="primary", elem_id="train-btn")
             status = gr.Markdown(elem_id="status")
+            with gr.Tabs():
+                with gr.Tab("Paint scribbles"):
+                    gr.Markdown(
+                        "Paint a few strokes per class (colour 1 = first class, ...), add the image, repeat, then "
+                        "train a linear segmentation head on the frozen features."
+                    )
+                    with gr.Row():
+                        train_file = gr.File(label="image to paint on", elem_id="train-file")
+                        editor = gr.ImageEditor(
+                            label="scribbles",
+                            type="numpy",
+                            format="png",
+                            brush=gr.Brush(
+                                colors=[f"rgb{c}" for c in CLASS_COLORS], color_mode="fixed", default_size=6
+                            ),  # fmt: skip
+                            elem_id="editor",
+                        )
+                    class_names = gr.Textbox(
+                        label="class names, comma separated", value="class 1, class 2", elem_id="class-names"
+                    )
+
+                    def to_editor(s, f):  # the display image (DICOM windowed, bands as explored) as the canvas
+                        paths = _paths(f)
+                        return safe(explore.open_image)(paths[0], **(s.open_opts if s else {})).rgb if paths else None
+
+                    train_file.change(to_editor, [state, train_file], editor, api_name=False)
+                    with gr.Row():
+                        add_btn = gr.Button("Add painted image", elem_id="add-btn")
+                        epochs = gr.Slider(10, 500, value=100, step=10, label="epochs")
+                        train_btn = gr.Button("Train head", variant="primary", elem_id="train-btn")
+                    add_btn.click(
+                        safe(app.add_scribbles),
+                        [state, train_file, editor, class_names],
+                        [state, status],
+                        api_name="add_scribbles",
+                    )
+                with gr.Tab("Images + masks"):
+                    gr.Markdown(
+                        "Upload images and their label masks (single-band PNG of class indices, 255 = unlabelled), "
+                        "matched by file name (`a.jpg` with `a.png` or `a_mask.png`), and train a linear "
+                        "segmentation head."
+                    )
+                    with gr.Row():
+                        seg_images = gr.File(label="images", file_count="multiple", elem_id="seg-images")
+                        seg_masks = gr.File(label="masks", file_count="multiple", elem_id="seg-masks")
+                    with gr.Row():
+                        seg_names = gr.Textbox(label="class names for indices 0, 1, ... (optional)", value="")
+                        seg_epochs = gr.Slider(10, 500, value=100, step=10, label="epochs")
+                        seg_btn = gr.Button("Train head from masks", variant="primary")
+                with gr.Tab("Images + labels (classifier)"):
+                    gr.Markdown(
+                        "Upload labelled images and train an image classifier on the frozen CLS features: labels "
+                        "from a CSV with columns `path,label` (path = file name) or typed one per image in upload "
+                        "order."
+                    )
+                    with gr.Row():
+                        cls_images = gr.File(label="images", file_count="multiple", elem_id="cls-images")
+                        cls_csv = gr.File(label="labels CSV (path,label)", file_types=[".csv"])
+                    with gr.Row():
+                        cls_labels = gr.Textbox(label="or labels in upload order (comma separated)", value="")
+                        cls_kind = gr.Radio(["knn", "logistic"], value="knn", label="classifier")
+                        cls_btn = gr.Button("Train classifier", variant="primary")
+                    cls_table = gr.Dataframe(
+                        headers=["image", "label", "predicted", "probability"],
+                        label="training images (k-NN finds each image itself: judge it on new images)",
+                    )
             with gr.Row():
                 train_pred = gr.Image(
-                    label="prediction on the painted image", type="numpy", format="png", elem_id="train-pred"
+                    label="prediction on the (first) training image", type="numpy", format="png", elem_id="train-pred"
                 )
-                train_metrics = gr.JSON(label="training")
-            add_btn.click(
-                safe(app.add_scribbles),
-                [state, train_file, editor, class_names],
-                [state, status],
-                api_name="add_scribbles",
-            )
+                train_metrics = gr.JSON(label="training (labelled pixels of the training images)")
 
             def train(s, ep, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's idiom
                 return safe(app.train_head)(s, ep, progress=progress)
 
+            def train_masks(s, ims, ms, names, ep, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+                return safe(app.train_from_masks)(s, ims, ms, names, ep, progress=progress)
+
             train_btn.click(train, [state, epochs], [state, train_pred, train_metrics], api_name="train_head")
+            seg_btn.click(train_masks, [state, seg_images, seg_masks, seg_names, seg_epochs],
+                          [state, train_pred, train_metrics], api_name="train_from_masks")  # fmt: skip
+            cls_btn.click(safe(app.train_classifier), [state, cls_images, cls_csv, cls_labels, cls_kind],
+                          [state, cls_table], api_name="train_classifier")  # fmt: skip
+            gr.Markdown("### Predict on new images")
             with gr.Row():
                 new_file = gr.File(label="new image")
                 gt_file = gr.File(label="ground-truth mask (optional, PNG class ids)")
+                true_label = gr.Textbox(label="true label (optional, classifier)", value="")
             predict_btn = gr.Button("Predict")
             with gr.Row():
                 pred = gr.Image(label="prediction", type="numpy", format="png")
@@ -585,7 +847,7 @@ def build_ui(app: App):
             pred_files = gr.File(label="predicted mask (PNG, GeoTIFF)", file_count="multiple")
             predict_btn.click(
                 safe(app.predict),
-                [state, new_file, gt_file],
+                [state, new_file, gt_file, true_label],
                 [state, pred, pred_metrics, pred_files],
                 api_name="predict",
             )
@@ -600,7 +862,7 @@ def build_ui(app: App):
     return demo
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=os.environ.get("DINOAPP_WEIGHTS"), help="backbone (also DINOAPP_WEIGHTS)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -610,18 +872,57 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("DINOAPP_ALLOWED_DIR"),
         help="server folder whose files may be opened by path (default: none, uploads only)",
     )
-    ap.add_argument("--max-upload-mb", type=int, default=500)
-    ap.add_argument("--device", default=None)
+    ap.add_argument(
+        "--auth",
+        default=os.environ.get("DINOAPP_AUTH"),
+        help="USER:PASSWORD required to open the app (also DINOAPP_AUTH); use it whenever --host is not local",
+    )
+    ap.add_argument("--max-upload-mb", type=int, default=500, help="largest upload (default 500)")
+    ap.add_argument("--session-mb", type=int, default=2048, help="images + features one session may hold")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     args = ap.parse_args(argv)
+    if args.auth is not None and (":" not in args.auth or not args.auth.split(":", 1)[1]):
+        ap.error("--auth takes USER:PASSWORD")
+    if args.max_upload_mb < 1 or args.session_mb < 64:
+        ap.error("--max-upload-mb must be >= 1 and --session-mb >= 64")
+    return args
+
+
+def launch_options(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """gradio ``launch`` keyword arguments for the command line, and warnings to print."""
+    opts: dict[str, Any] = {
+        "server_name": args.host,
+        "server_port": args.port,
+        "max_file_size": f"{args.max_upload_mb}mb",
+    }
+    warnings = []
+    if args.auth:
+        user, password = args.auth.split(":", 1)
+        opts["auth"] = (user, password)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.auth:
+        warnings.append(
+            f"warning: listening on {args.host} without --auth: anyone who can reach this port can use the app, "
+            "upload files and run the backbone. Sessions are kept apart by a random id in each browser tab, not "
+            "by a login. Add --auth USER:PASSWORD (and TLS in front, e.g. a reverse proxy) for a shared server."
+        )
+    return opts, warnings
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    args = parse_args(argv)
     settings = Settings(
         weights=args.weights,
         allowed_dir=Path(args.allowed_dir).expanduser() if args.allowed_dir else None,
         device=args.device,
+        session_mb=args.session_mb,
     )
+    opts, warnings = launch_options(args)
+    for w in warnings:
+        print(w, file=sys.stderr)
     demo = build_ui(App(settings))
-    demo.queue(default_concurrency_limit=2).launch(
-        server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb"
-    )
+    demo.queue(default_concurrency_limit=2).launch(**opts)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,11 @@ class LoadedImage:
         """(H, W) in pixels."""
         return int(self.array.shape[-2]), int(self.array.shape[-1])
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the pixel arrays (data, display, valid mask)."""
+        return int(self.array.nbytes + self.rgb.nbytes + (self.valid.nbytes if self.valid is not None else 0))
+
 
 def window_presets() -> list[str]:
     """DICOM window names for a dropdown: the CT presets of :data:`domains.WINDOW_PRESETS` (HU) and
@@ -465,6 +470,12 @@ class FeatureView:
         self._np = self.patches.detach().cpu().float().numpy()  # [h, w, D], shared with the tensor on CPU
         self._pca: dict[Any, np.ndarray] = {}
         self._fingerprint: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the features and the maps cached from them (not the image, which views share)."""
+        return int(self.patches.numel() * self.patches.element_size() + self.cls.numel() * self.cls.element_size()
+                   + sum(a.nbytes for a in self._pca.values()))  # fmt: skip
 
     @property
     def grid(self) -> tuple[int, int]:

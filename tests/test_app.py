@@ -183,6 +183,139 @@ def test_offline_default_is_the_demo_backbone_with_a_notice(monkeypatch):
     assert "Demo weights" in text
 
 
+def _save_mask(labels: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(labels.astype(np.uint8)).save(path)
+    return path
+
+
+def test_images_and_masks_train_a_head(the_app, tmp_path):
+    ims, masks = [], []
+    (tmp_path / "m").mkdir()
+    for i, split in enumerate((50, 80)):
+        png, truth = two_regions(tmp_path / f"img{i}.png", split=split, seed=i)
+        truth[:10] = 255  # an unlabelled band: ignored
+        ims.append(str(png))
+        # matched by name: the same stem (a.png <-> a.png, uploads keep their names) or with _mask
+        masks.append(str(_save_mask(truth, tmp_path / "m" / "img0.png" if i == 0 else tmp_path / "img1_mask.png")))
+    s, overlay, m = the_app.train_from_masks(None, ims, masks, "red, blue", epochs=60)
+    assert overlay.shape == (96, 128, 3) and m["images"] == 2 and m["classes"] == ["red", "blue"]
+    assert m["scribble_accuracy"] >= 0.9 and m["train_miou"] >= 0.8
+    new, new_truth = two_regions(tmp_path / "new.png", split=30, seed=5)
+    _, _, metrics, _ = the_app.predict(s, str(new), str(_save_mask(new_truth, tmp_path / "gt.png")))
+    assert metrics["miou"] >= 0.8, metrics
+    # without names: class 0, class 1
+    _, _, m2 = the_app.train_from_masks(None, ims, masks, "", epochs=10)
+    assert m2["classes"] == ["class 0", "class 1"]
+
+
+def test_images_and_masks_errors_say_what_to_fix(the_app, tmp_path):
+    png, truth = two_regions(tmp_path / "a.png")
+    other, _ = two_regions(tmp_path / "b.png")
+    with pytest.raises(InputError, match="no mask for b.png"):
+        the_app.train_from_masks(None, [str(png), str(other)], [str(_save_mask(truth, tmp_path / "a_mask.png"))])
+    small = _save_mask(truth[:50, :60], tmp_path / "m" / "a.png") if (tmp_path / "m").mkdir() is None else None
+    with pytest.raises(InputError, match="a mask must match its image"):
+        the_app.train_from_masks(None, [str(png)], [str(small)])
+    with pytest.raises(InputError, match="class index 1, but 1 class names"):
+        the_app.train_from_masks(None, [str(png)], [str(tmp_path / "a_mask.png")], "only")
+    with pytest.raises(InputError, match="no labelled pixel"):
+        the_app.train_from_masks(None, [str(png)], [str(_save_mask(truth * 0 + 255, tmp_path / "a_mask.png"))])
+
+
+def _solid(path: Path, rgb, seed: int) -> str:
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    img = np.asarray(rgb, np.float32) + g.normal(0, 25, (80, 96, 3))
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_labelled_images_train_a_classifier(the_app, tmp_path):
+    ims = [_solid(tmp_path / f"r{i}.png", RED, i) for i in range(3)] + [
+        _solid(tmp_path / f"b{i}.png", BLUE, 10 + i) for i in range(3)
+    ]
+    labels = ["red"] * 3 + ["blue"] * 3
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\n" + "".join(f"{Path(p).name},{y}\n" for p, y in zip(ims, labels)))
+    for kind, how in (("knn", {"labels_csv": str(csv)}), ("logistic", {"labels": ", ".join(labels)})):
+        s, rows = the_app.train_classifier(None, ims, kind=kind, **how)
+        assert [r[1] for r in rows] == labels and all(r[2] == r[1] for r in rows), rows
+        new_red = _solid(tmp_path / "new_red.png", RED, 99)
+        s, shown, out, files = the_app.predict(s, new_red, None, "red")
+        assert out["predicted"] == "red" and out["correct"] is True and files == []
+        assert set(out["probabilities"]) == {"red", "blue"} and shown.shape == (80, 96, 3)
+    s, head_file = the_app.save_head(s)
+    s2, msg = the_app.load_head(None, head_file)
+    assert "classes ['blue', 'red']" in msg
+    assert the_app.predict(s2, _solid(tmp_path / "nb.png", BLUE, 7), None, "")[2]["predicted"] == "blue"
+    with pytest.raises(InputError, match="2 labels for 6 images"):
+        the_app.train_classifier(None, ims, labels="red, blue")
+    with pytest.raises(InputError, match="only one class"):
+        the_app.train_classifier(None, ims[:3], labels="red, red, red")
+
+
+def test_saved_heads_name_the_backbone_file_not_a_server_path(the_app, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    png, _ = two_regions(tmp_path / "a.png")
+    s, _ = the_app.add_scribbles(None, str(png), strokes(96, 128, 64), "red, blue")
+    s, _, _ = the_app.train_head(s, epochs=10)
+    _, path = the_app.save_head(s)
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["dinoapp"])
+    assert meta["backbone"]["source"] == "tiny.safetensors"
+    assert str(tmp_path.parent) not in json.dumps(meta) and "/" not in meta["backbone"]["source"]
+
+
+def test_uploaded_checkpoints_load_and_other_paths_do_not(the_app, weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    up = tmp_path / "uploads" / "abc123" / "my_backbone.safetensors"
+    up.parent.mkdir(parents=True)
+    up.write_bytes((weights.parent / "other.safetensors").read_bytes())
+    s, text = the_app.upload_backbone(None, str(up), "B")
+    assert "my_backbone.safetensors" in text and "ViT dim 192" in text and str(tmp_path) not in text
+    png, _ = two_regions(tmp_path / "a.png")
+    s, _, pca_a, pca_b, _ = the_app.explore(s, [str(png)], resolution=128)  # B comes from the upload
+    assert pca_b is not None
+    with pytest.raises(InputError, match="only an uploaded checkpoint"):
+        the_app.upload_backbone(None, str(weights), "A")  # a server file outside the upload folder
+    up.unlink()
+    the_app.backbones._items.clear()
+    with pytest.raises(InputError, match="upload it again"):
+        the_app.upload_backbone(None, str(up), "A")
+
+
+def test_a_session_over_its_memory_limit_is_refused_and_emptied(weights, tmp_path):
+    app = A.App(A.Settings(weights=str(weights), session_mb=1))
+    png, _ = two_regions(tmp_path / "a.png", w=600, h=400, split=300)  # 400x600 float32 x3 + rgb: > 1 MB
+    with pytest.raises(InputError, match="over this app's limit of 1 MB per session.*--session-mb"):
+        app.explore(None, [str(png)], resolution=128)
+    s = A.Session()
+    small, _ = two_regions(tmp_path / "s.png", w=32, h=32, split=16)
+    s, *_ = app.explore(s, [str(small)], resolution=32)
+    assert 0 < s.nbytes() < 2**20
+    with pytest.raises(InputError, match="per session"):
+        app.explore(s, [str(png)], resolution=128)
+    assert s.images == [] and s.views == {}  # nothing half-loaded stays behind
+
+
+def test_command_line_binds_locally_and_warns_without_auth():
+    opts, warnings = A.launch_options(A.parse_args([]))
+    assert opts["server_name"] == "127.0.0.1" and "auth" not in opts and warnings == []
+    assert opts["max_file_size"] == "500mb"
+    opts, warnings = A.launch_options(A.parse_args(["--host", "0.0.0.0"]))
+    assert len(warnings) == 1 and "--auth" in warnings[0]
+    opts, warnings = A.launch_options(A.parse_args(["--host", "0.0.0.0", "--auth", "ana:s3cret:x"]))
+    assert opts["auth"] == ("ana", "s3cret:x") and warnings == []
+    with pytest.raises(SystemExit):
+        A.parse_args(["--auth", "nopassword"])
+
+
 # --- the server: every endpoint through gradio_client, two sessions at once -----------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -239,6 +372,20 @@ def test_every_endpoint_through_the_api(server, weights, tmp_path):
     assert m["miou"] >= 0.8 and np.asarray(Image.open(files[0])).shape == (96, 128)
     head = c.predict(api_name="/save_head")
     assert "head loaded" in c.predict(handle_file(head), api_name="/load_head")
+    # from uploaded images + masks, and an image classifier
+    a_mask = _save_mask(truth, tmp_path / "a_mask.png")  # masks pair with images by name
+    pred_img, metrics = c.predict([handle_file(png)], [handle_file(a_mask)], "red, blue", 40,
+                                  api_name="/train_from_masks")  # fmt: skip
+    assert metrics["train_miou"] >= 0.8
+    reds = [_solid(tmp_path / f"r{i}.png", RED, i) for i in range(2)]
+    blues = [_solid(tmp_path / f"b{i}.png", BLUE, i) for i in range(2)]
+    rows = c.predict([handle_file(p) for p in reds + blues], None, "red, red, blue, blue", "knn",
+                     api_name="/train_classifier")  # fmt: skip
+    assert [r[1] for r in rows["data"]] == ["red", "red", "blue", "blue"]
+    shown, out, files = c.predict(handle_file(_solid(tmp_path / "q.png", BLUE, 5)), None, "blue", api_name="/predict")
+    assert out["predicted"] == "blue" and out["correct"] is True
+    assert "ViT dim 192" in c.predict(handle_file(weights.parent / "other.safetensors"), "B",
+                                      api_name="/upload_backbone")  # fmt: skip
     with pytest.raises(Exception, match="explore an image first|outside|by path is off"):
         c.predict("/etc/passwd.pth", "A", api_name="/load_backbone")
 
@@ -276,3 +423,14 @@ def test_a_dicom_series_upload_is_one_volume_with_a_slice_control(the_app, tmp_p
     assert "PatientName" not in str(info["meta"])
     _, _, _, _, middle = the_app.explore(s, paths, resolution=48, slice_index=-1)
     assert middle["slice"] == 2
+
+
+def test_a_series_uploaded_with_other_images_is_one_volume_among_them(the_app, tmp_path):
+    pytest.importorskip("pydicom")
+    from tests.dicom_factory import make_series
+
+    paths, _, _ = make_series(tmp_path / "series", n=4, rows=48, cols=48)
+    png, _ = two_regions(tmp_path / "a.png")
+    s, rgb, _, _, info = the_app.explore(None, [str(png), *paths], resolution=48)
+    assert info["images"] == 2 and info["kind"] == "image"
+    assert s.images[1].kind == "dicom" and s.images[1].n_slices == 4

@@ -1,13 +1,15 @@
 """The app in a real browser: Playwright drives Debian's Chromium (never a downloaded browser).
 
 Starts ``python app.py`` on a free port with a tiny backbone, uploads an image, clicks on it and
-waits for the similarity overlay, paints one scribble per class, trains a head and checks that the
-prediction appears. Screenshots go to ``test-artifacts/browser/`` (or ``$DINOAPP_TEST_ARTIFACTS``).
+waits for the similarity overlay (its best match must be the clicked patch), opens a DICOM series and
+moves its slice slider, paints one scribble per class, trains a head and checks that the prediction
+appears. Screenshots go to ``test-artifacts/browser/`` (or ``$DINOAPP_TEST_ARTIFACTS``).
 In CI (``CI=true``) a missing Chromium fails the test instead of skipping it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -89,6 +91,31 @@ def _image(path: Path) -> Path:
     return path
 
 
+def _series(tmp_path: Path) -> list:
+    pytest.importorskip("pydicom")
+    from tests.dicom_factory import make_series
+
+    paths, _, _ = make_series(tmp_path / "series", n=5, rows=48, cols=48)
+    return paths
+
+
+def _shown(page, selector: str, must_contain: str) -> str:
+    """The text a gr.JSON component shows, without whitespace (nested objects may show collapsed)."""
+    from playwright.sync_api import expect
+
+    expect(page.locator(selector)).to_contain_text(must_contain, timeout=60_000)
+    return "".join(page.locator(selector).inner_text().split())
+
+
+def _ints(text: str, key: str) -> list[int]:
+    """The integer, or list of integers, shown for ``"key":`` in a JSON text."""
+    import re
+
+    m = re.search(rf'"{key}":(\[[\d,]+\]|\d+)', text)
+    assert m, (key, text[:300])
+    return [int(v) for v in m.group(1).strip("[]").split(",")]
+
+
 def test_explore_click_paint_train_predict_in_chromium(running_app, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -109,11 +136,44 @@ def test_explore_click_paint_train_predict_in_chromium(running_app, tmp_path):
             shown = page.locator("#explore-image img")
             expect(shown).to_be_visible(timeout=60_000)
             page.screenshot(path=str(shots / "1_explored.png"), full_page=True)
+            info = _shown(page, "#info", "grid")
+            grid, size = _ints(info, "grid"), _ints(info, "size")  # patches (rows, cols), pixels (H, W) of the image
             box = shown.bounding_box()
-            shown.click(position={"x": box["width"] * 0.25, "y": box["height"] * 0.5})  # a patch of the red half
+            natural = shown.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+            assert natural == [size[1], size[0]]
             overlay = page.locator("#sim-a img")
-            expect(overlay).to_be_visible(timeout=60_000)
+            for fx, fy in ((0.25, 0.5), (0.8, 0.15)):  # a patch of the red half, then one of the blue half
+                before = overlay.get_attribute("src") if overlay.count() else None
+                shown.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
+                page.wait_for_function(
+                    "(b) => { const i = document.querySelector('#sim-a img'); return i && i.complete && i.src !== b; }",
+                    arg=before,
+                    timeout=60_000,
+                )
+                text = _shown(page, "#topk", "row")
+                top = json.loads(text[text.index("[") :])
+                # the clicked pixel, in image pixels, and the patch it falls in on the processing grid
+                x, y = fx * box["width"] * size[1] / box["width"], fy * box["height"] * size[0] / box["height"]
+                expected = (int(y * grid[0] / size[0]), int(x * grid[1] / size[1]))
+                assert (top[0]["row"], top[0]["col"]) == expected and top[0]["score"] >= 0.999, (top[0], expected)
             page.screenshot(path=str(shots / "2_similarity.png"), full_page=True)
+
+            # a DICOM series: one volume, a slice slider spanning its slices (a fresh page: a new upload list)
+            page.goto(running_app)
+            page.get_by_role("tab", name="Explorer").click()
+            page.locator("#explore-files input[type=file]").set_input_files([str(p) for p in _series(tmp_path)])
+            page.locator("#explore-btn").click()
+            expect(page.locator("#info")).to_contain_text("dicom", timeout=60_000)
+            rng = page.locator("#slice input[type=range]")
+            expect(rng).to_be_visible(timeout=30_000)
+            assert rng.evaluate("e => [e.min, e.max, e.value]") == ["0", "4", "2"]  # 5 slices, the middle shown
+            rng.focus()
+            page.keyboard.press("ArrowRight")
+            page.wait_for_function("() => document.querySelector('#info').innerText.replace(/\\s/g, '')"
+                                   ".includes('\"slice\":3')", timeout=60_000)  # fmt: skip
+            assert _ints(_shown(page, "#info", "slices"), "slice") == [3]
+            page.screenshot(path=str(shots / "5_dicom_slice.png"), full_page=True)
+            page.goto(running_app)
 
             page.get_by_role("tab", name="Head trainer").click()
             page.locator("#train-file input[type=file]").set_input_files(str(png))
