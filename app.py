@@ -13,16 +13,18 @@ under ``--allowed-dir``.
 """
 
 import argparse
+import functools
 import os
 import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 import dinoapp
 from dinoapp import explore, hub
@@ -87,7 +89,11 @@ class Backbones:
 
             item = (demo_backbone(device=self.settings.device), DEMO_NOTICE)
         else:
-            item = (dinoapp.load_backbone(key, device=self.settings.device), "")
+            bb = dinoapp.load_backbone(key, device=self.settings.device)
+            if Path(key).expanduser().exists():  # a file or folder: visitors see its name, never server folders
+                bb.provenance["source"] = Path(key).name  # (what heads record and errors quote; not the fingerprint)
+                bb.provenance.pop("path", None)
+            item = (bb, "")
         with self._lock:
             self._items[key] = item
             while len(self._items) > self.settings.max_backbones:
@@ -155,17 +161,19 @@ class Session:
     """One browser tab's (or API client's) data; never shared."""
 
     sources: dict[str, str] = field(default_factory=dict)  # slot "A"/"B" -> backbone source
-    uploaded: set[str] = field(default_factory=set)  # sources that are checkpoints this session uploaded
+    pinned: dict[str, Any] = field(default_factory=dict)  # uploaded backbones by key: kept while the session lives
     images: list[explore.LoadedImage] = field(default_factory=list)  # explorer gallery; [0] is the current image
     views: dict[tuple, Any] = field(default_factory=dict)  # (slot, image index, resolution, layer) -> FeatureView
     resolution: int = 448
     layer: int | None = None
-    train: list[tuple[explore.LoadedImage, np.ndarray]] = field(default_factory=list)  # (image, scribble mask)
-    class_names: list[str] = field(default_factory=list)
+    train: list[tuple[explore.LoadedImage, np.ndarray]] = field(default_factory=list)  # (image, uint8 label mask)
+    train_names: list[str] = field(default_factory=list)  # the classes of the training set
+    class_names: list[str] = field(default_factory=list)  # the classes of the current head
     head: Any = None
     head_slot: str = "A"
     open_opts: dict = field(default_factory=dict)  # the explorer's bands / window: the head trainer reads alike
     _out: Path | None = None
+    lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def out_dir(self) -> Path:
@@ -180,9 +188,41 @@ class Session:
         return (sum(im.nbytes for im in imgs.values()) + sum(v.nbytes for v in self.views.values())
                 + sum(m.nbytes for _, m in self.train))  # fmt: skip
 
+    def snapshot(self) -> dict:
+        """What :meth:`restore` puts back (containers copied one level: their items are never changed in place)."""
+        keep = ("lock", "_out")
+        return {f.name: _copy1(getattr(self, f.name)) for f in fields(self) if f.name not in keep}
+
+    def restore(self, saved: dict) -> None:
+        for k, v in saved.items():
+            setattr(self, k, v)
+
     def close(self) -> None:
         if self._out is not None:
             shutil.rmtree(self._out, ignore_errors=True)
+
+
+def _copy1(v: Any) -> Any:
+    return type(v)(v) if isinstance(v, (list, dict, set)) else v
+
+
+def changes_session(fn):
+    """A handler that changes the session: one at a time per session, and all or nothing. Gradio keeps the
+    session object a failing handler has half changed, so a failure puts back what the session held."""
+
+    @functools.wraps(fn)
+    def run(self, s, *args, **kwargs):
+        if s is None:
+            return fn(self, s, *args, **kwargs)
+        with s.lock:
+            saved = s.snapshot()
+            try:
+                return fn(self, s, *args, **kwargs)
+            except BaseException:
+                s.restore(saved)
+                raise
+
+    return run
 
 
 class App:
@@ -199,33 +239,38 @@ class App:
         source = s.sources.get(slot, self.default_source if slot == "A" else None)
         if source is None:
             return None, ""
-        _, bb, notice = self.backbones.get(source, trusted=source in self.trusted, uploaded=source in s.uploaded)
+        if source in s.pinned:  # uploaded by this session
+            return s.pinned[source], ""
+        _, bb, notice = self.backbones.get(source, trusted=source in self.trusted)
         return bb, notice
 
+    @changes_session
     def load_backbone(self, s: Session | None, source: str, slot: str = "A") -> tuple[Session, str]:
-        """Backbone ``slot`` (A = main, B = comparison) from a timm name, "demo", or a file under the allowed
-        folder; an empty source removes B."""
+        """Backbone ``slot`` (A = main, B = comparison) from a released DINOv3 timm name, "demo", or a file under
+        the allowed folder; an empty source removes B."""
         s = s or Session()
-        if slot not in ("A", "B"):
-            raise InputError("slot must be A (main) or B (comparison)")
+        _slot(slot)
         if slot == "B" and not (source or "").strip():
             s.sources.pop("B", None)
             s.views = {k: v for k, v in s.views.items() if k[0] != "B"}
             return s, "comparison backbone removed"
-        key, bb, notice = self.backbones.get(source)
-        return self._use(s, slot, key, bb, notice, label=source.strip())
+        source = (source or "").strip()
+        key, bb, notice = self.backbones.get(source, trusted=source in self.trusted)
+        return self._use(s, slot, key, bb, notice, label=source)
 
+    @changes_session
     def upload_backbone(self, s: Session | None, file: Any, slot: str = "A") -> tuple[Session, str]:
         """Backbone ``slot`` from an uploaded checkpoint (Meta .pth, timm/HF .safetensors or .bin, a dinoapp run's
-        export); read with ``weights_only`` (no code runs), layout detected like ``dinoapp.load_backbone``."""
+        export): read with ``weights_only`` (no code runs), its architecture record checked against its
+        tensors before anything is built, the layout detected like ``dinoapp.load_backbone``."""
         s = s or Session()
-        if slot not in ("A", "B"):
-            raise InputError("slot must be A (main) or B (comparison)")
+        _slot(slot)
         paths = _paths(file)
         if not paths:
             raise InputError("choose a checkpoint file to upload (.pth, .pt, .safetensors, .bin)")
         key, bb, notice = self.backbones.get(paths[0], uploaded=True)
-        s.uploaded.add(key)
+        s.pinned = {k: v for k, v in s.pinned.items() if k in s.sources.values()}  # drop uploads no slot uses
+        s.pinned[key] = bb  # gradio deletes the upload after an hour: the model stays with the session
         return self._use(s, slot, key, bb, notice, label=Path(paths[0]).name)
 
     def _use(self, s: Session, slot: str, key: str, bb, notice: str, label: str) -> tuple[Session, str]:
@@ -233,16 +278,35 @@ class App:
         s.views = {k: v for k, v in s.views.items() if k[0] != slot}  # features of the old backbone are stale
         return s, describe_backbone(label, bb, notice)
 
-    def _fits(self, s: Session, undo) -> None:
-        """Refuse (after ``undo()``) what would make this session hold more than ``--session-mb``."""
-        used, cap = s.nbytes(), self.settings.session_mb * 2**20
-        if used > cap:
-            undo()
-            raise InputError(
-                f"that needs {used / 2**20:.0f} MB of images and features in your session, over this app's limit of "
-                f"{self.settings.session_mb} MB per session: use fewer or smaller images or a lower processing "
-                "resolution (the operator sets the limit with --session-mb)"
-            )
+    def _cap(self) -> int:
+        return self.settings.session_mb * 2**20
+
+    def _fits(self, s: Session) -> None:
+        """Refuse what makes this session hold more than ``--session-mb`` (the handler's changes are undone)."""
+        used = s.nbytes()
+        if used > self._cap():
+            raise InputError(self._over(used / 2**20))
+
+    def _over(self, mb: float) -> str:
+        return (
+            f"that needs {mb:.0f} MB or more of images and features in your session, over this app's limit of "
+            f"{self.settings.session_mb} MB per session: use fewer or smaller images or a lower processing "
+            "resolution (the operator sets the limit with --session-mb)"
+        )
+
+    def _open(self, s: Session, src: Any, slice_index: int | None = None) -> explore.LoadedImage:
+        """``explore.open_image`` with the session's read settings, refusing before decoding an image that
+        would not fit in what is left of the session's memory."""
+        left = self._cap() - s.nbytes()
+        limit = max(1, left // 16)  # bytes per pixel: float32 x 3 channels + RGB for display (+ masks)
+        if limit >= 64_000_000:  # open_image's own limit applies
+            return explore.open_image(src, **s.open_opts, slice_index=slice_index)
+        try:
+            return explore.open_image(src, **s.open_opts, slice_index=slice_index, max_pixels=limit)
+        except InputError as e:
+            if "(max_pixels)" in str(e):
+                raise InputError(self._over((s.nbytes() + 16 * (limit + 1)) / 2**20)) from None
+            raise
 
     def backbone_info(self, s: Session | None) -> tuple[Session, str]:
         s = s or Session()
@@ -261,8 +325,10 @@ class App:
             if not compute:
                 return None
             s.views[key] = explore.FeatureView(bb, s.images[index], resolution=s.resolution, layer=s.layer)
+            self._fits(s)
         return s.views[key]
 
+    @changes_session
     def explore(
         self,
         s: Session | None,
@@ -274,43 +340,31 @@ class App:
         slice_index: int = -1,
         foreground: bool = False,
     ) -> tuple[Session, np.ndarray, np.ndarray, np.ndarray | None, dict]:
-        """Open the image(s), compute features, return (image, PCA map A, PCA map B or None, info)."""
+        """Open the image(s), compute features, return (image, PCA map A, PCA map B or None, info).
+        The DICOM files of one series become one volume (``slice_index``: -1 = the middle slice)."""
         s = s or Session()
         paths = _paths(files)
         if not paths:
             raise InputError("upload an image (PNG, JPEG, TIFF), a GeoTIFF or a DICOM file")
         if len(paths) > MAX_FILES:
             raise InputError(f"{len(paths)} files: explore at most {MAX_FILES} at a time")
-        band_sel = _bands(bands)
-        win = None if window in ("", "auto", None) else window
-        s.open_opts = {"bands": band_sel, "dicom_window": win}
         sl = None if slice_index in (None, -1) else int(_number(slice_index, "slice"))
-        dicoms = [p for p in paths if _is_dicom(p)] if len(paths) > 1 else []
-        images = []
-        for p in paths:
-            if len(dicoms) > 1 and p in dicoms:  # several DICOM files: one series, one volume, at the first one
-                if p == dicoms[0]:
-                    images.append(explore.open_image(dicoms, bands=band_sel, dicom_window=win, slice_index=sl))
-            else:
-                images.append(explore.open_image(p, bands=band_sel, dicom_window=win, slice_index=sl))
-        s.images = images
-        s.views = {}
-
-        def undo():
-            s.images, s.views = [], {}
-
-        self._fits(s, undo)
-        s.resolution = int(resolution)
-        s.layer = None if layer in (None, "", -1) else int(layer)
+        win = None if window in ("", "auto", None) else window
+        s.open_opts = {"bands": _bands(bands), "dicom_window": win}
+        s.resolution = int(_number(resolution, "resolution"))
+        s.layer = None if layer in (None, "", -1) else int(_number(layer, "layer"))
+        s.images, s.views = [], {}  # the old gallery goes (and comes back if this fails)
+        for item in _gallery_items(paths):
+            s.images.append(self._open(s, item, slice_index=sl))
+            self._fits(s)
         img = s.images[0]
         va = self.view(s, "A")
         for i in range(1, len(s.images)):  # cross-image similarity and the joint PCA need them: compute now (queued)
             self.view(s, "A", i)
-            self._fits(s, undo)
         pca_a = va.pca(foreground=bool(foreground))
         vb = self.view(s, "B")
-        self._fits(s, undo)
         pca_b = vb.pca(foreground=bool(foreground)) if vb is not None else None
+        self._fits(s)
         info = {
             "name": img.name,
             "kind": img.kind,
@@ -327,12 +381,14 @@ class App:
         self, s: Session | None, x: float, y: float, k: int = 5, target: int = 0
     ) -> tuple[Session, np.ndarray, np.ndarray | None, list]:
         """Cosine similarity of the patch under pixel (x, y) of the current image to every patch of
-        image ``target`` of the gallery (0 = itself), for backbone A (and B when loaded)."""
+        image ``target`` of the gallery (0 = itself), for backbone A (and B when loaded). Reads only what
+        Explore cached: no lock, no forward pass."""
         if s is None or not s.images:
             raise InputError("explore an image first, then click on it")
         x, y, k, target = _number(x, "x"), _number(y, "y"), int(_number(k, "k")), int(_number(target, "target"))
-        if not 0 <= int(target) < len(s.images):
-            raise InputError(f"target image {target} is not in the gallery of {len(s.images)} image(s)")
+        images = s.images
+        if not 0 <= int(target) < len(images):
+            raise InputError(f"target image {target} is not in the gallery of {len(images)} image(s)")
         out = []
         for slot in ("A", "B"):
             v = self.view(s, slot, compute=False)
@@ -346,6 +402,7 @@ class App:
         top = [{"row": r, "col": c, "score": round(float(sc), 4)} for r, c, sc in out[0].top_k]
         return s, out[0].overlay, (out[1].overlay if out[1] is not None else None), top
 
+    @changes_session
     def gallery(self, s: Session | None, foreground: bool = False) -> tuple[Session, list[np.ndarray]]:
         """PCA maps of every gallery image in one shared basis (colours comparable across images)."""
         if s is None or not s.images:
@@ -353,6 +410,7 @@ class App:
         views = [self.view(s, "A", i) for i in range(len(s.images))]
         return s, explore.joint_pca(views, foreground=bool(foreground))
 
+    @changes_session
     def download_maps(self, s: Session | None, foreground: bool = False) -> tuple[Session, list[str]]:
         """The current image's PCA map as PNG, and as a georeferenced GeoTIFF for GeoTIFF inputs."""
         if s is None or not s.images:
@@ -366,37 +424,40 @@ class App:
         return s, files
 
     # --- head trainer ----------------------------------------------------------------------------
+    @changes_session
     def add_scribbles(self, s: Session | None, file: Any, editor: Any, class_names: str) -> tuple[Session, str]:
         """Add one training image with its painted scribbles (class i = colour i of the palette)."""
         s = s or Session()
-        names = [n.strip() for n in (class_names or "").split(",") if n.strip()]
+        names = _class_names(class_names)
         if len(names) < 2:
             raise InputError("name at least two classes, separated by commas (e.g. water, land)")
         if len(names) > len(CLASS_COLORS):
             raise InputError(f"at most {len(CLASS_COLORS)} classes (one brush colour each)")
+        if names != s.train_names:
+            s.train = []  # a new class list starts a new training set
         if len(s.train) >= MAX_TRAIN:
             raise InputError(f"{MAX_TRAIN} painted images are enough for a linear head: train now")
-        if s.class_names and names != s.class_names:
-            s.train, s.head = [], None  # a new class list starts a new training set
-        s.class_names = names
         paths = _paths(file)
         if not paths:
             raise InputError("upload the image you painted on")
-        img = explore.open_image(paths[0], **s.open_opts)
-        mask = explore.scribble_mask(editor, CLASS_COLORS[: len(names)], shape=img.size)
+        img = self._open(s, paths[0])
+        mask = explore.scribble_mask(editor, CLASS_COLORS[: len(names)], shape=img.size).astype(np.uint8)
         painted = {names[c]: int((mask == c).sum()) for c in range(len(names)) if (mask == c).any()}
         if not painted:
             raise InputError("no scribbles found: paint over the image with the class colours first")
         s.train.append((img, mask))
-        self._fits(s, s.train.pop)
+        s.train_names = names
+        self._fits(s)
         return s, f"{len(s.train)} training image(s); painted pixels: {painted}"
 
+    @changes_session
     def train_head(self, s: Session | None, epochs: int = 100, progress=None) -> tuple[Session, np.ndarray, dict]:
         """A linear segmentation head on the painted images (frozen features of backbone A)."""
         if s is None or not s.train:
             raise InputError("add at least one painted image first")
         return self._fit_seg(s, epochs, progress)
 
+    @changes_session
     def train_from_masks(
         self, s: Session | None, images: Any, masks: Any, class_names: str = "", epochs: int = 100, progress=None
     ) -> tuple[Session, np.ndarray, dict]:
@@ -425,61 +486,66 @@ class App:
                 f"no mask for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: name each mask like its "
                 "image (a.jpg <-> a.png or a_mask.png)"
             )
-        train = []
+        names = _class_names(class_names)
+        if len(names) > len(CLASS_COLORS):
+            raise InputError(f"at most {len(CLASS_COLORS)} classes here (one display colour each)")
+        s.train, s.train_names = [], names  # replaces the painted set (restored if this fails)
+        present: set[int] = set()
         for i in ims:
-            img, mask = explore.open_image(i, **s.open_opts), read_mask(by_stem[Path(i).stem])
+            img, mask = self._open(s, i), read_mask(by_stem[Path(i).stem])
             if mask.shape != img.size:
                 raise InputError(
                     f"{Path(by_stem[Path(i).stem]).name} is {mask.shape[1]}x{mask.shape[0]} pixels but "
                     f"{Path(i).name} is {img.size[1]}x{img.size[0]}: a mask must match its image"
                 )
-            train.append((img, mask.astype(np.int64)))
-        labelled = [m[m != explore.UNLABELLED] for _, m in train]
-        top = max((int(v.max()) for v in labelled if v.size), default=-1)
-        if top < 0:
-            raise InputError("the masks have no labelled pixel (all 255 = unlabelled)")
-        names = [n.strip() for n in (class_names or "").split(",") if n.strip()] or [
-            f"class {k}" for k in range(top + 1)
-        ]
-        if top >= len(names):
+            labels = np.unique(mask)
+            bad = [int(v) for v in labels if v != explore.UNLABELLED and not 0 <= v < len(CLASS_COLORS)]
+            if bad:
+                raise InputError(f"{Path(by_stem[Path(i).stem]).name} holds class index {bad[0]}: class indices "
+                                 f"0-{len(CLASS_COLORS) - 1} here, 255 = unlabelled")  # fmt: skip
+            present |= {int(v) for v in labels if v != explore.UNLABELLED}
+            s.train.append((img, mask.astype(np.uint8)))
+            self._fits(s)
+        if len(present) < 2:
+            raise InputError(
+                f"the masks label {'only class ' + str(min(present)) if present else 'no pixel'}: a head needs at "
+                "least two classes with labelled pixels (255 = unlabelled)"
+            )
+        top = max(present)
+        if not names:
+            s.train_names = [f"class {k}" for k in range(top + 1)]
+        elif top >= len(names):
             raise InputError(f"the masks use class index {top}, but {len(names)} class names were given")
-        if len(names) > len(CLASS_COLORS):
-            raise InputError(f"at most {len(CLASS_COLORS)} classes here (one display colour each)")
-        old = (s.train, s.class_names, s.head)
-        s.train, s.class_names, s.head = train, names, None
-
-        def undo():
-            s.train, s.class_names, s.head = old
-
-        self._fits(s, undo)
         return self._fit_seg(s, epochs, progress)
 
     def _fit_seg(self, s: Session, epochs: int, progress) -> tuple[Session, np.ndarray, dict]:
         from dinoapp.metrics import segmentation_report
 
+        names = s.train_names
         bb = self.backbone(s, "A")[0]
         views = [explore.FeatureView(bb, img, resolution=s.resolution, layer=s.layer) for img, _ in s.train]
         masks = [m for _, m in s.train]
         head = explore.fit_head_from_scribbles(
-            views, masks, len(s.class_names), class_names=s.class_names, epochs=int(epochs), progress=progress
+            views, masks, len(names), class_names=names, epochs=int(epochs), progress=progress
         )
-        s.head, s.head_slot = head, "A"
         preds = [explore.predict(head, v)[0] for v in views]
         # on the labelled pixels of the training images (the scribbles themselves, or the uploaded masks)
-        truth = np.concatenate([m.ravel() for m in masks])
-        report = segmentation_report(truth, np.concatenate([p.ravel() for p in preds]), len(s.class_names),
-                                     s.class_names, ignore_index=explore.UNLABELLED)  # fmt: skip
-        acc = report["pixel_accuracy"]
-        overlay = explore.label_overlay(s.train[0][0], preds[0], colors=CLASS_COLORS[: len(s.class_names)])
-        return s, overlay, {"scribble_accuracy": acc, "train_miou": report["mean_iou"], "images": len(views),
-                            "classes": s.class_names}  # fmt: skip
+        report = segmentation_report(np.concatenate([m.ravel() for m in masks]),
+                                     np.concatenate([p.ravel() for p in preds]), len(names), names,
+                                     ignore_index=explore.UNLABELLED)  # fmt: skip
+        s.head, s.head_slot, s.class_names = head, "A", list(names)
+        overlay = explore.label_overlay(s.train[0][0], preds[0], colors=CLASS_COLORS[: len(names)])
+        return s, overlay, {"scribble_accuracy": report["pixel_accuracy"], "train_miou": report["mean_iou"],
+                            "images": len(views), "classes": list(names)}  # fmt: skip
 
+    @changes_session
     def train_classifier(
         self, s: Session | None, images: Any, labels_csv: Any = None, labels: str = "", kind: str = "knn"
     ) -> tuple[Session, list[list]]:
         """An image classifier (k-NN or logistic regression on CLS features of backbone A) from uploaded images and
         their labels: a CSV with columns ``path,label`` (path = the file name), or labels typed one per image
-        in upload order (comma or newline separated)."""
+        in upload order (comma or newline separated). The training set is not kept: one image at a time is
+        read, embedded and dropped."""
         s = s or Session()
         ims = _paths(images)
         if len(ims) < 2:
@@ -504,17 +570,25 @@ class App:
         if len(set(ys)) < 2:
             raise InputError("the labels name only one class: a classifier needs at least two")
         bb = self.backbone(s, "A")[0]
-        views = [explore.FeatureView(bb, explore.open_image(i, **s.open_opts), resolution=s.resolution, layer=s.layer)
-                 for i in ims]  # fmt: skip
-        clf = explore.fit_classifier(views, ys, kind=kind)
+        embedded = []
+
+        def views():  # one image in memory at a time
+            for i in ims:
+                v = explore.FeatureView(bb, self._open(s, i), resolution=s.resolution, layer=s.layer)
+                embedded.append(explore.embedding(v))
+                yield v
+
+        clf = explore.fit_classifier(views(), ys, kind=kind)
         s.head, s.head_slot = clf, "A"
         s.class_names = [str(c) for c in clf.classes_]
+        proba = clf.predict_proba(torch.cat(embedded))  # [N, C]
         rows = []
-        for i, v, y in zip(ims, views, ys):
-            pred = next(iter(explore.classify(clf, v).items()))
-            rows.append([Path(i).name, y, pred[0], round(pred[1], 3)])
+        for i, y, p in zip(ims, ys, proba):
+            best = int(np.argmax(p))
+            rows.append([Path(i).name, y, str(clf.classes_[best]), round(float(p[best]), 3)])
         return s, rows
 
+    @changes_session
     def predict(
         self, s: Session | None, file: Any, mask_file: Any = None, true_label: str = ""
     ) -> tuple[Session, np.ndarray, dict, list]:
@@ -526,7 +600,7 @@ class App:
         paths = _paths(file)
         if not paths:
             raise InputError("upload an image to predict on")
-        img = explore.open_image(paths[0], **s.open_opts)
+        img = self._open(s, paths[0])
         # the head's own settings (a loaded head may come from another session)
         res = (getattr(s.head, "preprocessing", None) or {}).get("resolution") or s.resolution
         layers = getattr(s.head, "layers", None)
@@ -543,13 +617,9 @@ class App:
         stem = Path(img.name).stem
         files = [str(explore.export_png(labels, s.out_dir / f"{stem}_mask.png"))]
         if img.geo is not None:
-            files.append(
-                str(
-                    explore.export_geotiff(
-                        labels, img, s.out_dir / f"{stem}_mask.tif", kind="labels", class_names=s.class_names
-                    )
-                )
-            )
+            tif = explore.export_geotiff(labels, img, s.out_dir / f"{stem}_mask.tif", kind="labels",
+                                         class_names=s.class_names)  # fmt: skip
+            files.append(str(tif))
         metrics: dict[str, Any] = {
             "classes": s.class_names,
             "pixels": {n: int((labels == i).sum()) for i, n in enumerate(s.class_names)},
@@ -565,34 +635,66 @@ class App:
             metrics["miou"] = round(float(mean_iou(truth, labels, len(s.class_names))), 4)
         return s, explore.label_overlay(img, labels, colors=CLASS_COLORS[: len(s.class_names)]), metrics, files
 
+    @changes_session
     def save_head(self, s: Session | None) -> tuple[Session, str]:
+        """The head as a .safetensors file (it names its backbone by file name: loaded files never carry the
+        server's folders, see :meth:`Backbones.get`)."""
         if s is None or s.head is None:
             raise InputError("train a head first")
         bb, _ = self.backbone(s, s.head_slot)
-        source = s.sources.get(s.head_slot, self.default_source)
-        name = Path(source).name if source in s.uploaded or Path(source).expanduser().exists() else source
-        # the file leaves the server: it names the backbone by file name, never by a server path
-        path = dinoapp.heads.save_head(s.head, s.out_dir / "head.safetensors", backbone=bb, source=name)
-        return s, str(path)
+        return s, str(dinoapp.heads.save_head(s.head, s.out_dir / "head.safetensors", backbone=bb))
 
+    @changes_session
     def load_head(self, s: Session | None, file: Any) -> tuple[Session, str]:
         s = s or Session()
         paths = _paths(file)
         if not paths:
             raise InputError("upload a head file (.safetensors) saved by dinoapp")
         bb, _ = self.backbone(s, "A")
-        s.head = dinoapp.heads.load_head(paths[0], backbone=bb)  # refuses a head made with another backbone
-        s.head_slot = "A"
-        names = getattr(s.head, "class_names", None)
-        if _is_classifier(s.head):
-            names = [str(c) for c in s.head.classes_]
-        s.class_names = list(names or s.class_names)
-        return s, f"head loaded: {type(s.head).__name__}, classes {s.class_names}"
+        head = dinoapp.heads.load_head(paths[0], backbone=bb)  # refuses a head made with another backbone
+        names = [str(c) for c in head.classes_] if _is_classifier(head) else getattr(head, "class_names", None)
+        s.head, s.head_slot = head, "A"
+        s.class_names = list(names or [f"class {k}" for k in range(int(getattr(head, "n_classes", 0) or 0))])
+        return s, f"head loaded: {type(head).__name__}, classes {s.class_names}"
 
 
 # --- small glue helpers --------------------------------------------------------------------------------
 def _is_classifier(head: Any) -> bool:
     return hasattr(head, "predict_proba") and hasattr(head, "classes_")
+
+
+def _slot(slot: str) -> None:
+    if slot not in ("A", "B"):
+        raise InputError("slot must be A (main) or B (comparison)")
+
+
+def _class_names(text: str | None) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
+def _gallery_items(paths: list[str]) -> list:
+    """What to open, in upload order: each file, except that the DICOM files of one series become one item
+    (a list of files: one volume) at the place of its first file. Series are told apart by their Series
+    Instance UID (``domains.find_series``), so two X-rays from different series stay two images."""
+    dicoms = [p for p in paths if _is_dicom(p)] if len(paths) > 1 else []
+    if len(dicoms) < 2:
+        return list(paths)
+    import domains
+
+    group = {}  # file -> its series' files
+    for series in domains.find_series(dicoms):
+        files = [str(f) for f in series.paths]
+        for f in files:
+            group[f] = files
+    items, seen = [], set()
+    for p in paths:
+        files = group.get(str(p))
+        if files is None or len(files) == 1:
+            items.append(p)
+        elif id(files) not in seen:
+            seen.add(id(files))
+            items.append(files)
+    return items
 
 
 def _paths(files: Any) -> list[str]:
@@ -630,12 +732,34 @@ def _bands(text: str | None):
     return [int(b) if b.strip().isdigit() else b.strip() for b in text.split(",") if b.strip()]
 
 
+def scrub_paths(msg: str, settings: Settings) -> str:
+    """``msg`` without the server's folders: a path under gradio's upload folder, the temp folder, the
+    allowed folder or the folder of ``--weights`` is cut to its file name."""
+    import re
+
+    from gradio.utils import get_upload_folder
+
+    roots = {get_upload_folder(), tempfile.gettempdir(), str(Path(get_upload_folder()).resolve())}
+    if settings.allowed_dir is not None:
+        roots |= {str(settings.allowed_dir), str(settings.allowed_dir.resolve())}
+    if settings.weights and Path(settings.weights).expanduser().exists():
+        w = Path(settings.weights).expanduser()
+        roots |= {str(w.parent), str(w.resolve().parent)}
+    for root in sorted((r.rstrip(os.sep) for r in roots if r and r != os.sep), key=len, reverse=True):
+        msg = re.sub(re.escape(root) + r"(?:/[^/\s'\"]+)*/", "", msg)
+    return msg
+
+
 # --- the UI --------------------------------------------------------------------------------------------
 def build_ui(app: App):
     import gradio as gr
 
+    def scrub(msg: str) -> str:
+        return scrub_paths(msg, app.settings)
+
     def safe(fn):
-        """Every handler error becomes a readable message in the UI; the app keeps serving."""
+        """Every handler error becomes a readable message in the UI (server folders cut from it, file names
+        kept); the app keeps serving."""
 
         def run(*args, **kwargs):
             try:
@@ -643,11 +767,11 @@ def build_ui(app: App):
             except gr.Error:
                 raise
             except (DinoappError, ConfigError, InputError, ValueError, OSError, ImportError) as e:
-                raise gr.Error(str(e)) from None
+                raise gr.Error(scrub(str(e))) from None
             except MemoryError:
                 raise gr.Error("not enough memory for this image at this resolution: lower the resolution") from None
             except (TypeError, RuntimeError) as e:  # e.g. an API call with a missing value
-                raise gr.Error(f"could not do that ({type(e).__name__}: {e})") from None
+                raise gr.Error(scrub(f"could not do that ({type(e).__name__}: {e})")) from None
 
         run.__name__ = fn.__name__
         run.__doc__ = fn.__doc__
@@ -663,8 +787,10 @@ def build_ui(app: App):
         with gr.Tab("Backbone"):
             with gr.Row():
                 source = gr.Textbox(
-                    label="backbone: timm name, architecture, or a file under the allowed folder",
-                    value=app.default_source,
+                    label="backbone: a released DINOv3 timm name, demo, or a file under the allowed folder",
+                    # the operator's own file stays unnamed: its path is not for visitors
+                    value="" if Path(app.default_source).expanduser().exists() else app.default_source,
+                    placeholder="vit_small_patch16_dinov3.lvd1689m",
                 )
                 slot = gr.Radio(["A", "B"], value="A", label="slot (B = comparison)")
             load_btn = gr.Button("Load backbone")
@@ -735,9 +861,11 @@ def build_ui(app: App):
             files.change(lambda: (-1, gr.update(visible=False)), None, [slice_index, slice_slider], api_name=False,
                          queue=False)  # fmt: skip
             # moved by the user (mouse or keys; not by the update above): that slice, the last one while dragging
-            slice_slider.input(
-                lambda v: v, slice_slider, slice_index, api_name=False, queue=False, trigger_mode="always_last"
-            ).then(safe(app.explore), explore_inputs, explore_outputs, api_name=False)
+            def explore_slice(s, f, res, lay, ban, win, sl, fg):  # one queued step, so always_last applies to it
+                return (*safe(app.explore)(s, f, res, lay, ban, win, sl, fg), sl)
+
+            slice_slider.input(explore_slice, [*explore_inputs[:6], slice_slider, foreground],
+                               [*explore_outputs, slice_index], api_name=False, trigger_mode="always_last")  # fmt: skip
 
             def clicked(s, kk, tgt, evt: gr.SelectData):
                 s, a, b, t = safe(app.similarity)(s, evt.index[0], evt.index[1], kk, tgt)
@@ -881,8 +1009,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--session-mb", type=int, default=2048, help="images + features one session may hold")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     args = ap.parse_args(argv)
-    if args.auth is not None and (":" not in args.auth or not args.auth.split(":", 1)[1]):
-        ap.error("--auth takes USER:PASSWORD")
+    args.auth = args.auth or None  # DINOAPP_AUTH="" = no login
+    if args.auth is not None and (":" not in args.auth or not all(args.auth.split(":", 1))):
+        ap.error("--auth takes USER:PASSWORD (both non-empty)")
     if args.max_upload_mb < 1 or args.session_mb < 64:
         ap.error("--max-upload-mb must be >= 1 and --session-mb >= 64")
     return args

@@ -26,7 +26,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,8 +291,10 @@ class _collect_warnings:
 
     def __init__(self, src: Path | Sequence[Path]) -> None:
         paths = [src] if isinstance(src, Path) else list(src)
-        self._dirs = sorted({str(Path(q).parent) for q in paths} | {str(q) for q in paths if Path(q).is_dir()},
-                            key=len, reverse=True)  # fmt: skip
+        dirs = {str(Path(q).parent) for q in paths} | {str(q) for q in paths if Path(q).is_dir()}
+        if len(paths) > 1:  # readers name the files' common folder too (e.g. "... holds 2 series")
+            dirs.add(os.path.commonpath([os.path.abspath(q) for q in paths]))
+        self._dirs = sorted(dirs, key=len, reverse=True)
         self.notes: list[str] = []
 
     def __enter__(self) -> list[str]:
@@ -907,29 +909,45 @@ def predict(head: heads.SegHead, view: FeatureView) -> tuple[np.ndarray, np.ndar
     return labels, probs.numpy().astype(np.float32, copy=False)
 
 
-def _embedding(view: FeatureView, mode: str) -> torch.Tensor:
+def embedding(view: FeatureView, mode: str = "cls") -> torch.Tensor:
+    """The image embedding [1, D] (``"cls"``) or [1, 2D] (``"cls+mean"``: CLS and mean patch token) of a view,
+    as :func:`dinoapp.heads.image_embedding` computes it: what :func:`fit_classifier` trains on."""
     from types import SimpleNamespace
 
     f = SimpleNamespace(cls=view.cls[None], patches=view.patches[None])  # a batch of one for image_embedding
     return heads.image_embedding(f, mode)  # [1, D] or [1, 2D]
 
 
-def fit_classifier(views: Sequence[FeatureView], labels: Sequence[Any], *, kind: str = "knn",
+_embedding = embedding
+
+
+def fit_classifier(views: Iterable[FeatureView], labels: Sequence[Any], *, kind: str = "knn",
                    embedding: str = "cls") -> heads.KNNClassifier | heads.LogisticClassifier:  # fmt: skip
     """An image classifier on the views' embeddings (:func:`dinoapp.heads.image_embedding`: CLS, or CLS +
     mean patch): ``kind="knn"`` (weighted k-NN, cosine, k <= 20) or ``"logistic"`` (C by cross-validation;
     needs two classes). The classifier records the backbone, so :func:`dinoapp.save_head` and
-    :func:`classify` check it."""
-    views = _check_views(views, "fit_classifier")
+    :func:`classify` check it. ``views`` may be a generator: each view is embedded and let go in turn, so
+    a large training set never sits in memory as features."""
     labels = list(labels)
-    if len(labels) != len(views):
-        raise InputError(f"got {len(labels)} labels for {len(views)} views: one label per image")
     if kind not in ("knn", "logistic"):
         raise InputError(f"kind must be 'knn' or 'logistic', got {kind!r}")
-    X = torch.cat([_embedding(v, embedding) for v in views])  # [N, D']
+    first, rows = None, []
+    for i, v in enumerate(views):
+        if not isinstance(v, FeatureView):
+            raise InputError(f"views[{i}] must be a FeatureView, got {type(v).__name__}")
+        if first is None:
+            first = v
+        else:
+            _same_features(first, v, f"views[{i}]")
+        rows.append(_embedding(v, embedding))
+    if first is None:
+        raise InputError("fit_classifier needs at least one FeatureView")
+    if len(labels) != len(rows):
+        raise InputError(f"got {len(labels)} labels for {len(rows)} views: one label per image")
+    X = torch.cat(rows)  # [N, D']
     clf = heads.KNNClassifier(embedding=embedding) if kind == "knn" else heads.LogisticClassifier(embedding=embedding)
     clf.fit(X, labels)
-    v = views[0]
+    v = first
     clf.identity = backbone_identity(v.backbone)
     clf.preprocessing = {"size": None, "policy": "resize", "patch_size": v.patch_size, "resolution": v.resolution}
     return clf

@@ -1015,16 +1015,13 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_head(head: Any, path: str | os.PathLike, backbone=None, *, source: str | None = None) -> Path:
+def save_head(head: Any, path: str | os.PathLike, backbone=None) -> Path:
     """Write ``head`` to ``path`` (``.safetensors``): tensors + JSON metadata, atomically (tmp + rename).
 
     The metadata records the head kind and settings, class names, layers, preprocessing and the
     backbone's identity. ``backbone`` is required unless the head already knows its backbone (from
     ``fit_seg_head(..., backbone=)`` or :func:`load_head`); a head that knows another backbone is
     refused with :class:`HeadBackboneMismatchError`. The identity is recorded on ``head`` too.
-    ``source``: the backbone name to record instead of its provenance's (which, for a file, is its full
-    path): e.g. just the file name, for a head that leaves the machine. Matching a head to a backbone
-    uses the weights' fingerprint, never this name.
     """
     if getattr(head, "kind", None) not in _KINDS:
         raise InputError(f"cannot save a {type(head).__name__}: expected a SegHead, KNNClassifier, "
@@ -1042,8 +1039,6 @@ def save_head(head: Any, path: str | os.PathLike, backbone=None, *, source: str 
     except AttributeError:
         raise InputError(f"this {type(head).__name__} is not fitted; fit it before saving") from None
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    if source is not None:
-        identity = {**identity, "source": str(source)}
     pre = dict(getattr(head, "preprocessing", {}) or {})
     if isinstance(pre.get("size"), tuple):
         pre["size"] = list(pre["size"])

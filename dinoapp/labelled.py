@@ -40,7 +40,7 @@ def read_label_csv(
     where = f"{flag} {path}" if flag else str(path)
     if not p.is_file():
         raise InputError(f"{where}: no such CSV file")
-    with open(p, newline="") as fh:
+    with open(p, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheet exports start with a BOM
         reader = csv.DictReader(fh)
         rows = list(reader)
         header = reader.fieldnames or []

@@ -31,10 +31,16 @@ from typing import Any
 import torch
 
 from . import hub
-from .arch import ARCHS, ArchSpec, arch_from_name
+from .arch import ARCHS, ArchSpec, arch_from_name, count_params
 from .backbone import LVD_MEAN, LVD_STD, SAT_MEAN, SAT_STD, DinoBackbone, check_norm, expand_input_channels
 from .checkpoint import check_record, read_checkpoint, record_family
-from .errors import CheckpointMismatchError, ConfigError, SourceNotFoundError, UnknownSourceError
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    ConfigError,
+    SourceNotFoundError,
+    UnknownSourceError,
+)
 from .layouts import detect_layout, infer_arch, to_meta
 from .timm_backbone import TIMM_PREFIX, TimmArch, TimmBackbone, split_timm_source
 
@@ -179,6 +185,7 @@ def from_file(
             return _timm_from_record(obj, raw.path, prov, mean, std, drop_path_rate)
         arch = ArchSpec.from_dict(dict(obj["arch"]))
         sd = dict(obj["state_dict"])
+        _check_record_size(count_params(arch), sd, raw.path)
         heads = {n: dict(h) for n, h in (obj.get("heads") or {}).items()}
         prov = {**dict(obj.get("provenance") or {}), **prov, "layout": "dinoapp"}
         file_mean, file_std = obj.get("mean"), obj.get("std")
@@ -217,10 +224,25 @@ def from_file(
     return bb
 
 
+def _check_record_size(n_params: int, state_dict: dict, path: Path) -> None:
+    """A dinoapp record names the architecture to build. Before building it for real, check that the file
+    holds about that many values: a damaged (or crafted) record must not make us allocate a model far
+    bigger than its file (a 600-byte file asking for a 160-billion-parameter ViT)."""
+    stored = sum(int(t.numel()) for t in state_dict.values() if isinstance(t, torch.Tensor))
+    if n_params > 4 * stored + 50_000_000:  # a modest mismatch gets the precise missing-keys error later
+        raise CheckpointCorruptError(
+            f"{path}: its architecture record describes {n_params / 1e6:.1f}M parameters but the file holds "
+            f"only {stored / 1e6:.1f}M values: the file is damaged or was not written by dinoapp"
+        )
+
+
 def _timm_from_record(obj, path: Path, prov: dict[str, Any], mean, std, drop_path_rate: float) -> TimmBackbone:
     """A :class:`TimmBackbone` from a dinoapp timm record: timm's model built at random, then the file's
     weights loaded strictly (:class:`CheckpointMismatchError` names any key that does not fit)."""
     arch = TimmArch.from_dict(dict(obj["arch"]))
+    with torch.device("meta"):  # its size first, allocating nothing
+        n_params = sum(p.numel() for p in TimmBackbone.from_arch(arch).parameters())
+    _check_record_size(n_params, dict(obj["state_dict"]), path)
     prov = {**dict(obj.get("provenance") or {}), **prov, "layout": "dinoapp"}
     prov["normalisation"] = "user" if mean is not None or std is not None else "file"
     file_mean, file_std = obj.get("mean"), obj.get("std")

@@ -52,8 +52,10 @@ from .errors import (
 TIMM_PREFIX = "timm:"  # load_backbone("timm:convnext_tiny") / ("timm:convnext_tiny.fb_in22k")
 NORM_EPS = 1e-6  # eps of the trainable norm and of the parameter-free norm of other stages
 # create_model arguments TimmBackbone sets itself: passing them in model_kwargs is an error
+# (and those that would make timm read files or fetch weights: a checkpoint record must not name them)
 _RESERVED = {"pretrained", "num_classes", "in_chans", "drop_path_rate", "features_only", "pretrained_cfg_overlay",
-             "cache_dir", "out_indices"}  # fmt: skip
+             "cache_dir", "out_indices", "checkpoint_path", "pretrained_cfg", "pretrained_strict",
+             "checkpoint_filter_fn", "feature_cfg"}  # fmt: skip
 
 
 @dataclass(frozen=True)

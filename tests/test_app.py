@@ -220,7 +220,7 @@ def test_images_and_masks_errors_say_what_to_fix(the_app, tmp_path):
         the_app.train_from_masks(None, [str(png)], [str(small)])
     with pytest.raises(InputError, match="class index 1, but 1 class names"):
         the_app.train_from_masks(None, [str(png)], [str(tmp_path / "a_mask.png")], "only")
-    with pytest.raises(InputError, match="no labelled pixel"):
+    with pytest.raises(InputError, match="the masks label no pixel"):
         the_app.train_from_masks(None, [str(png)], [str(_save_mask(truth * 0 + 255, tmp_path / "a_mask.png"))])
 
 
@@ -257,6 +257,26 @@ def test_labelled_images_train_a_classifier(the_app, tmp_path):
         the_app.train_classifier(None, ims[:3], labels="red, red, red")
 
 
+def test_a_failed_training_leaves_the_session_as_it_was(the_app, tmp_path):
+    png, truth = two_regions(tmp_path / "a.png")
+    s, _ = the_app.add_scribbles(None, str(png), strokes(96, 128, 64), "red, blue")
+    s, _, _ = the_app.train_head(s, epochs=10)
+    head, train = s.head, list(s.train)
+    one_class = _save_mask(np.where(truth == 0, 0, 255), tmp_path / "a_mask.png")
+    with pytest.raises(InputError, match="only class 0: a head needs at least two classes"):
+        the_app.train_from_masks(s, [str(png)], [str(one_class)], "", 10)
+    assert s.head is head and s.train == train and s.train_names == ["red", "blue"] == s.class_names
+    with pytest.raises(InputError):
+        the_app.explore(s, [str(png)], resolution=128, layer=99)  # a bad layer: nothing of it stays
+    assert s.layer is None and s.resolution == 448
+    # a classifier does not rename the painted set: training the segmentation head again keeps its classes
+    ims = [_solid(tmp_path / f"c{i}.png", c, i) for i, c in enumerate((RED, RED, BLUE, BLUE))]
+    s, _ = the_app.train_classifier(s, ims, labels="cat, cat, dog, dog")
+    assert s.class_names == ["cat", "dog"]
+    s, _, m = the_app.train_head(s, epochs=10)
+    assert m["classes"] == ["red", "blue"] == s.class_names
+
+
 def test_saved_heads_name_the_backbone_file_not_a_server_path(the_app, tmp_path):
     import json
 
@@ -284,13 +304,24 @@ def test_uploaded_checkpoints_load_and_other_paths_do_not(the_app, weights, tmp_
     assert pca_b is not None
     with pytest.raises(InputError, match="only an uploaded checkpoint"):
         the_app.upload_backbone(None, str(weights), "A")  # a server file outside the upload folder
-    up.unlink()
+    up.unlink()  # gradio deletes uploads after an hour: the session keeps the model it loaded
     the_app.backbones._items.clear()
+    s, _, _, pca_b, _ = the_app.explore(s, [str(png)], resolution=64)
+    assert pca_b is not None
     with pytest.raises(InputError, match="upload it again"):
         the_app.upload_backbone(None, str(up), "A")
 
 
-def test_a_session_over_its_memory_limit_is_refused_and_emptied(weights, tmp_path):
+def test_errors_shown_to_visitors_name_files_not_server_folders(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    settings = A.Settings(weights=str(weights), allowed_dir=tmp_path / "data")
+    msg = (f"{tmp_path}/uploads/9f8e7d/scan.dcm: bad; {weights}: fine; {tmp_path}/data/site/a/b.tif is "
+           f"{tmp_path}/data/x.png")  # fmt: skip
+    out = A.scrub_paths(msg, settings)
+    assert out == "scan.dcm: bad; tiny.safetensors: fine; b.tif is x.png", out
+
+
+def test_a_session_over_its_memory_limit_is_refused_and_kept_as_it_was(weights, tmp_path):
     app = A.App(A.Settings(weights=str(weights), session_mb=1))
     png, _ = two_regions(tmp_path / "a.png", w=600, h=400, split=300)  # 400x600 float32 x3 + rgb: > 1 MB
     with pytest.raises(InputError, match="over this app's limit of 1 MB per session.*--session-mb"):
@@ -301,7 +332,9 @@ def test_a_session_over_its_memory_limit_is_refused_and_emptied(weights, tmp_pat
     assert 0 < s.nbytes() < 2**20
     with pytest.raises(InputError, match="per session"):
         app.explore(s, [str(png)], resolution=128)
-    assert s.images == [] and s.views == {}  # nothing half-loaded stays behind
+    # nothing half-loaded stays behind: the session still holds (and clicks on) what it had
+    assert [im.name for im in s.images] == ["s.png"] and s.nbytes() < 2**20
+    assert app.similarity(s, 5, 5)[3][0]["score"] > 0.99
 
 
 def test_command_line_binds_locally_and_warns_without_auth():
@@ -312,8 +345,10 @@ def test_command_line_binds_locally_and_warns_without_auth():
     assert len(warnings) == 1 and "--auth" in warnings[0]
     opts, warnings = A.launch_options(A.parse_args(["--host", "0.0.0.0", "--auth", "ana:s3cret:x"]))
     assert opts["auth"] == ("ana", "s3cret:x") and warnings == []
-    with pytest.raises(SystemExit):
-        A.parse_args(["--auth", "nopassword"])
+    for bad in ("nopassword", ":pw", "user:"):
+        with pytest.raises(SystemExit):
+            A.parse_args(["--auth", bad])
+    assert A.parse_args(["--auth", ""]).auth is None  # DINOAPP_AUTH="" means no login
 
 
 # --- the server: every endpoint through gradio_client, two sessions at once -----------------------------
@@ -434,3 +469,9 @@ def test_a_series_uploaded_with_other_images_is_one_volume_among_them(the_app, t
     s, rgb, _, _, info = the_app.explore(None, [str(png), *paths], resolution=48)
     assert info["images"] == 2 and info["kind"] == "image"
     assert s.images[1].kind == "dicom" and s.images[1].n_slices == 4
+    # single images of two other series stay two images, and no note names the upload folder
+    one, _, _ = make_series(tmp_path / "one", n=1, rows=48, cols=48, series_uid="1.2.3.4")
+    two, _, _ = make_series(tmp_path / "two", n=1, rows=48, cols=48, series_uid="1.2.3.6")
+    s, _, _, _, info = the_app.explore(None, [str(png), *paths, one[0], two[0]], resolution=48)
+    assert [(im.kind, im.n_slices) for im in s.images] == [("image", 1), ("dicom", 4), ("dicom", 1), ("dicom", 1)]
+    assert str(tmp_path) not in str([im.meta for im in s.images])

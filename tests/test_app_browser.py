@@ -172,6 +172,13 @@ def test_explore_click_paint_train_predict_in_chromium(running_app, tmp_path):
             page.wait_for_function("() => document.querySelector('#info').innerText.replace(/\\s/g, '')"
                                    ".includes('\"slice\":3')", timeout=60_000)  # fmt: skip
             assert _ints(_shown(page, "#info", "slices"), "slice") == [3]
+            page.keyboard.press("ArrowLeft")  # two quick steps: the last one wins, not the first
+            page.keyboard.press("ArrowLeft")
+            page.wait_for_function("() => document.querySelector('#info').innerText.replace(/\\s/g, '')"
+                                   ".includes('\"slice\":1')", timeout=60_000)  # fmt: skip
+            time.sleep(2)  # nothing later overwrites it
+            assert _ints(_shown(page, "#info", "slices"), "slice") == [1]
+            assert rng.evaluate("e => e.value") == "1"
             page.screenshot(path=str(shots / "5_dicom_slice.png"), full_page=True)
             page.goto(running_app)
 

@@ -148,3 +148,53 @@ def test_overrides_only_with_arch_names(tiny_meta_file):
         dinoapp.load_backbone(tiny_meta_file, depth=2)
     with pytest.raises(dinoapp.ConfigError, match="unknown architecture fields"):
         dinoapp.load_backbone("vit_tiny", depht=2)
+
+
+def _rewrite_record(path: Path, out: Path, tensors=None, **arch_changes) -> Path:
+    """A copy of a dinoapp .safetensors file whose architecture record says something else (and, with
+    ``tensors``, other contents): what a damaged or crafted file looks like."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as r:
+        meta = dict(r.metadata())
+        stored = {k: r.get_tensor(k) for k in r.keys()}  # noqa: SIM118
+    info = json.loads(meta["dinoapp"])
+    for k, v in arch_changes.items():
+        info["arch"][k] = {**info["arch"][k], **v} if isinstance(v, dict) else v
+    meta["dinoapp"] = json.dumps(info)
+    save_file(stored if tensors is None else tensors, str(out), metadata=meta)
+    return out
+
+
+def test_a_record_asking_for_a_model_far_bigger_than_its_file_is_refused_before_building(tmp_path, monkeypatch):
+    from dinoapp import loading
+    from dinoapp.checkpoint import save_backbone
+
+    f = save_backbone(dinoapp.load_backbone("vit_tiny", depth=1, seed=0), tmp_path / "t.safetensors")
+    evil = _rewrite_record(f, tmp_path / "evil.safetensors", tensors={"x": torch.zeros(1)}, embed_dim=8192, depth=200,
+                           num_heads=64)  # fmt: skip
+    built = []
+    monkeypatch.setattr(loading.DinoBackbone, "__init__", lambda *a, **k: built.append(1) or (_ for _ in ()).throw(
+        AssertionError("built")))  # fmt: skip
+    with pytest.raises(CheckpointCorruptError, match=r"describes \d+\.\dM parameters but the file holds only"):
+        dinoapp.load_backbone(evil)
+    assert built == []  # refused from the record and the tensor sizes alone
+
+
+def test_a_timm_record_cannot_make_timm_read_other_files(tmp_path):
+    pytest.importorskip("timm")
+    from dinoapp.checkpoint import save_backbone
+    from dinoapp.errors import ConfigError
+
+    f = save_backbone(dinoapp.load_backbone("timm:test_convnext"), tmp_path / "rec.safetensors")
+    other = tmp_path / "private.pth"
+    other.write_bytes(b"a server file")
+    evil = _rewrite_record(f, tmp_path / "evil.safetensors", model_kwargs={"checkpoint_path": str(other)})
+    with pytest.raises(ConfigError, match=r"\['checkpoint_path'\] are set by TimmBackbone itself"):
+        dinoapp.load_backbone(evil)
+    big = _rewrite_record(f, tmp_path / "big.safetensors", model_kwargs={"dims": [512, 1024, 2048, 4096]})
+    with pytest.raises(CheckpointCorruptError, match="describes"):
+        dinoapp.load_backbone(big)
