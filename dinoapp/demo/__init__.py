@@ -3,7 +3,7 @@
 The app's default backbone is the released DINOv3 ViT-S/16 through timm
 (``vit_small_patch16_dinov3.lvd1689m``). Where the hub cannot be reached it falls back to
 :func:`demo_backbone`: a small ViT (dim 192, 4 blocks, patch 16) that **we** trained from scratch
-with our own pretraining engine (:mod:`dinoapp.ssl`, DINO + iBOT + KoLeo) on images that ship with
+with our own pretraining engine (:mod:`dinoapp.ssl`, DINO + iBOT + KoLeo, Gram anchoring) on images that ship with
 installed packages: scikit-image's bundled sample photos and dinoapp's own GeoTIFF samples
 (:mod:`domains.samples`). No Meta weights are involved. Its features are illustrative only; show
 :data:`DEMO_NOTICE` next to anything computed with it.
@@ -73,7 +73,7 @@ def demo_backbone(device: Any = None):
     if not DEMO_WEIGHTS.is_file():
         raise SourceNotFoundError(
             f"the demo weights are missing from this dinoapp install ({DEMO_WEIGHTS}). Rebuild them offline "
-            "with `python -m dinoapp.demo build` (about half an hour on one CPU core; needs scikit-image and "
+            "with `python -m dinoapp.demo build` (40-60 minutes on one CPU core; needs scikit-image and "
             "rasterio), or load real DINOv3 weights instead: `python app.py --weights PATH_OR_TIMM_NAME`"
         )
     return load_backbone(DEMO_WEIGHTS, device=device)
