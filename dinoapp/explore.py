@@ -198,6 +198,9 @@ def _open_dicom(p: Path, window: Any, slice_index: int | None, max_pixels: int |
     return _loaded(p.name, vol[k], meta, "dicom", notes, n_slices=F, slice_index=k)
 
 
+_PER_FILE = ("InstanceNumber", "ImagePositionPatient", "SliceLocation", "AcquisitionNumber")
+
+
 def _open_series(src: Path | list[Path], window: Any, slice_index: int | None, max_pixels: int | None) -> LoadedImage:
     import domains
 
@@ -211,6 +214,10 @@ def _open_series(src: Path | list[Path], window: Any, slice_index: int | None, m
     D = vol.shape[0]
     k = _slice(slice_index, D, name)
     meta = {**meta, "slice": k}
+    if isinstance(meta.get("dicom"), dict):  # the series' attributes come from one file: drop the per-file ones
+        meta["dicom"] = {a: v for a, v in meta["dicom"].items() if a not in _PER_FILE}
+    if len(meta.get("slice_positions") or ()) == D:
+        meta["slice_position"] = meta["slice_positions"][k]  # mm along the slice normal
     shown = f"{name} (series {meta['series']})" if meta.get("series") else name
     return _loaded(shown, vol[k], meta, "dicom", notes, n_slices=D, slice_index=k)
 

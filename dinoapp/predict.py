@@ -12,6 +12,7 @@ bounded memory), blends the head's patch logits into one map at patch resolution
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ def segment_scene(
 
     Patches with too few valid pixels get no class (nodata); with ``pixel_nodata`` (default) the
     scene's own nodata / mask pixels inside valid patches are nodata in the class map too (the mask is
-    read again strip by strip, so memory stays bounded).
+    read again strip by strip, so memory stays bounded). The head runs on the backbone's device (a copy
+    of it is moved there; ``head`` itself is not changed).
     """
     import rasterio
     from rasterio.windows import Window
@@ -56,9 +58,13 @@ def segment_scene(
 
     check_backbone(head, backbone)
     K = head.n_classes
+    # A copy of the head (a BatchNorm + 1x1 conv: small) on the device the features come from: fit_seg_head and
+    # load_head give heads on the CPU, the backbone may be on a GPU; the caller's head is left as it is.
+    dev = next(backbone.parameters()).device  # where scene_features runs the backbone
+    module = copy.deepcopy(head.module).to(dev).eval()
 
     def logits(f: torch.Tensor) -> torch.Tensor:  # [B, h, w, C] -> [B, h, w, K]
-        return head.module.eval()(f).permute(0, 2, 3, 1)
+        return module(f.to(dev)).permute(0, 2, 3, 1)
 
     sm = scene_features(backbone, path, reduce=logits, channels=K, layers=head.layers, bands=bands, stats=stats,
                         stretch=stretch, tile=tile, overlap=overlap, batch_size=batch_size, memmap_dir=memmap_dir,

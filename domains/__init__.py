@@ -5,7 +5,7 @@ rasterio and pydicom are imported only when a GeoTIFF / DICOM is read; a missing
 :class:`MissingDependencyError` naming the extra to install.
 
 Read the modules in this order: ``errors``, ``sniff``, ``load`` (the dispatcher), ``image``,
-``geotiff`` (+ ``stats``, ``tiling``, ``geowrite``), ``dicom`` (+ ``series``, ``phi``), ``datasets``.
+``geotiff`` (+ ``stats``, ``tiling``, ``geowrite``, ``indices``), ``dicom`` (+ ``series``, ``phi``), ``datasets``.
 """
 
 from .datasets import FileError, FolderDataset, find_files
@@ -31,12 +31,13 @@ from .errors import (
 from .geotiff import raster_info, read_geotiff, resolve_bands
 from .geowrite import grid_transform, scaled_transform, write_geotiff
 from .image import read_image
+from .indices import ndvi
 from .load import load, reader_for
 from .phi import deidentify, safe_meta
 from .series import SeriesInfo, find_series, read_series
 from .sniff import sniff
 from .stats import BandStats, compute_band_stats
-from .tiling import Mosaic, Tile, iter_tiles, tile_grid
+from .tiling import Mosaic, Tile, iter_tiles, tile_grid, write_tiles
 
 __all__ = [
     "BandSelectionError", "BandStats", "DomainError", "DomainWarning", "FileError", "FolderDataset",
@@ -46,5 +47,6 @@ __all__ = [
     "UnsupportedFormatError", "compute_band_stats", "find_files", "grid_transform", "iter_tiles", "load",
     "raster_info", "read_geotiff", "read_image", "reader_for", "resolve_bands", "scaled_transform", "sniff",
     "tile_grid", "write_geotiff", "WindowError", "FrameIndexError", "WINDOW_PRESETS", "read_dicom",
-    "read_dicom_frames", "deidentify", "safe_meta", "SeriesInfo", "find_series", "read_series",
+    "read_dicom_frames", "deidentify", "safe_meta", "SeriesInfo", "find_series", "read_series", "ndvi",
+    "write_tiles",
 ]

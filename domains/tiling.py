@@ -156,6 +156,121 @@ def iter_tiles(
             yield arr, meta
 
 
+FORMATS = ("png", "tif")
+
+
+def write_tiles(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tile: int | tuple[int, int],
+    *,
+    overlap: int = 0,
+    bands="rgb",
+    stretch: str | None = None,
+    stats=None,
+    fmt: str = "png",
+    min_valid: float = 0.0,
+    edge: str = "shift",
+    align: int = 16,
+    labels: np.ndarray | None = None,
+    labels_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    **read_options: Any,
+) -> list[Path]:
+    """Cut a raster into tile files in ``out_dir`` -> their paths, in :func:`iter_tiles` order.
+
+    Tiling is :func:`iter_tiles`'s (``tile``, ``overlap``, ``edge``, ``align``, ``min_valid``,
+    ``bands``, ``stats`` and the read options mean the same; one scene-wide stretch). Files are named
+    ``{scene stem}_{y0:05d}_{x0:05d}.{fmt}`` (the tile's top-left pixel in the scene).
+
+    ``fmt="png"``: 8-bit display images of 1 (grey) or 3 (RGB) bands, values in [0, 1] (clipped)
+    times 255; nodata pixels are black. ``stretch`` defaults to ``"auto"`` (uint8 / 255, other types
+    the scene's 2-98 % percentiles) or the saved ``stats``. ``fmt="tif"``: float32 GeoTIFFs of any
+    number of bands written with :func:`~domains.geowrite.write_geotiff` (``like=`` the tile's read:
+    the CRS and the tile's own transform, so each tile sits on the scene in a GIS), band names kept,
+    nodata pixels NaN (read back as invalid). ``stretch`` defaults to ``"none"`` (values as stored,
+    after scale/offset tags: stretch them when reading, e.g. with the same saved band statistics
+    everywhere), or to ``stats`` when given.
+
+    ``labels``: an integer (or bool) array [H, W] on the scene's pixel grid, e.g. class ids; the crop
+    of each written tile goes to ``labels_dir`` as a PNG with the tile's stem (uint8; uint16 when an
+    id is above 255). Pixels of the crop outside the scene or nodata in the scene get 255 (65535 for
+    uint16): the "unlabelled" value the heads and the monitor ignore (so 255 is not a class).
+    """
+    from .geotiff import raster_info
+    from .geowrite import write_geotiff
+
+    if fmt not in FORMATS:
+        raise OptionValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if stretch is None:
+        stretch = "auto" if fmt == "png" or stats is not None else "none"
+    lab, ignore = None, None
+    if labels is not None:
+        if labels_dir is None:
+            raise OptionValueError("labels= needs labels_dir= (the folder of the label crops)")
+        lab = np.asarray(labels)
+        shape = tuple(raster_info(path)["shape"][1:])
+        if lab.shape != shape:
+            raise GeoreferenceError(
+                f"labels have shape {lab.shape}, but {Path(str(path)).name} is {shape[0]} x {shape[1]} px: "
+                "labels must be [H, W] on the scene's pixel grid"
+            )
+        if lab.dtype == bool:
+            lab = lab.astype(np.uint8)
+        if lab.dtype.kind not in "ui":
+            raise OptionValueError(f"labels must be integers (class ids) or bool, got {lab.dtype}")
+        top = int(lab.max()) if lab.size else 0
+        if lab.size and int(lab.min()) < 0:
+            raise OptionValueError(f"labels must be >= 0 (class ids), got a minimum of {int(lab.min())}")
+        if top > 65535:
+            raise OptionValueError(f"labels up to 65535 fit a PNG, got a maximum of {top}")
+        dtype = np.uint8 if top <= 255 else np.uint16
+        ignore = 255 if dtype == np.uint8 else 65535
+        lab = lab.astype(dtype, copy=False)
+    out, ldir = Path(out_dir), None if labels_dir is None else Path(labels_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if lab is not None:
+        ldir.mkdir(parents=True, exist_ok=True)
+    stem = Path(str(path)).stem
+    written: list[Path] = []
+    for x, m in iter_tiles(path, tile, overlap, edge=edge, align=align, min_valid=min_valid, bands=bands,
+                           stretch=stretch, stats=stats, progress=progress, **read_options):  # fmt: skip
+        t: Tile = m["tile"]
+        name = f"{stem}_{t.y0:05d}_{t.x0:05d}"
+        valid = m["valid"]  # bool [th, tw]
+        if fmt == "png":
+            if x.shape[0] not in (1, 3):
+                raise OptionValueError(
+                    f"fmt='png' writes 1 (grey) or 3 (RGB) bands, got {x.shape[0]} ({m['channels']}); "
+                    "pick bands= (e.g. 'rgb') or write fmt='tif'"
+                )
+            img = (np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8)  # [C, th, tw]
+            p = _save_png(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), out / f"{name}.png")
+        else:
+            if not valid.all():
+                x = x.copy()
+                x[:, ~valid] = np.nan  # nodata stays nodata in the tile file
+            p = write_geotiff(out / f"{name}.tif", x, like=m, kind="float", band_names=m["channels"])
+        if lab is not None:
+            crop = np.full((t.height, t.width), ignore, lab.dtype)  # tiles may reach beyond the scene
+            H, W = lab.shape
+            y1, x1 = min(t.y0 + t.height, H), min(t.x0 + t.width, W)
+            crop[: y1 - t.y0, : x1 - t.x0] = lab[t.y0 : y1, t.x0 : x1]
+            crop[~valid] = ignore
+            _save_png(crop, ldir / f"{name}.png")
+        written.append(p)
+    return written
+
+
+def _save_png(a: np.ndarray, path: Path) -> Path:
+    """uint8 [H, W] / [H, W, 3] or uint16 [H, W] -> a lossless PNG (domains does not import dinoapp's writers)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(a)).save(path, format="PNG")  # uint16 [H, W] -> 16-bit grey
+    return path
+
+
 def _ramp(n: int, ramp: int, blend: str) -> np.ndarray:
     """1-D weights, rising over ``ramp`` samples at both ends; always > 0."""
     if blend == "mean" or ramp <= 0:

@@ -172,6 +172,9 @@ def test_dicom_series_folder_or_files_give_a_slice_slider(tmp_path):
     assert li.name.startswith("study (series ") and str(tmp_path) not in json.dumps(li.meta)
     same = explore.open_image(paths[::-1], slice_index=2)  # a list of files: the same series
     np.testing.assert_array_equal(same.array, li.array)
+    # the metadata of slice 2 gives its own position, not attributes of the file the series was described from
+    assert li.meta["slice_position"] == li.meta["slice_positions"][2] != li.meta["slice_positions"][0]
+    assert not {"InstanceNumber", "ImagePositionPatient", "SliceLocation"} & set(li.meta["dicom"])
 
 
 def test_damaged_files_raise_the_typed_errors(tmp_path, astronaut_png):

@@ -227,3 +227,92 @@ def test_real_aerial_rgbn_by_colour_interpretation():
     assert meta["channels"] == ["red", "green", "blue"]
     nir, m = domains.read_geotiff(samples.path("aerial"), bands="nir", stretch="none")
     assert nir.shape == (1, 212, 276) and m["bands"] == [4]
+
+
+def _numpy_ndvi(red: np.ndarray, nir: np.ndarray) -> np.ndarray:
+    r, n = red.astype(np.float64), nir.astype(np.float64)
+    s = n + r
+    return np.where(s != 0, (n - r) / np.where(s != 0, s, 1), 0.0)
+
+
+def test_ndvi_finds_red_and_nir_by_name_and_matches_numpy(scene):
+    """B04 / B08 found by description; 1-based numbers and names give the same; nodata -> NaN."""
+    path, data = scene
+    v = domains.ndvi(path)
+    nodata = (data == 0).all(axis=0)  # the corner; the stripe where only B04 is 0 stays valid
+    assert v.dtype == np.float32 and v.shape == data.shape[1:]
+    np.testing.assert_array_equal(np.isnan(v), nodata)
+    want = _numpy_ndvi(data[2], data[3])
+    np.testing.assert_allclose(v[~nodata], want[~nodata], rtol=1e-6, atol=1e-6)
+    assert np.nanmax(v) == 1.0  # red 0 in the stripe: NIR / NIR
+    for kw in ({"red": 3, "nir": 4}, {"red": "B04", "nir": "b08"}, {"red": 3, "nir": "B08"}):
+        np.testing.assert_array_equal(domains.ndvi(path, **kw), v, err_msg=str(kw))
+    np.testing.assert_allclose(domains.ndvi(path, red=3, nir=5)[~nodata], _numpy_ndvi(data[2], data[4])[~nodata],
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    part = domains.ndvi(path, window=(60, 50, 40, 30))  # (col_off, row_off, width, height)
+    np.testing.assert_array_equal(part, v[50:80, 60:100])
+
+
+@pytest.mark.parametrize(
+    "names, red, nir",
+    [
+        (["blue", "green", "red", "nir"], 3, 4),
+        (["B2", "B3", "B4", "B8"], 3, 4),  # Sentinel-2 as Earth Engine names it (no B5: not Landsat numbering)
+        (["B02", "B03", "B04", "B05", "B8A"], 3, 5),  # red edge B05 is not NIR; B8A is
+        (["B2", "B3", "B4", "B5", "B8", "B8A"], 3, 5),  # B8A present: Sentinel-2, bare names allowed; B08 preferred
+        (["Blue (B2)", "Green", "Red (B4)", "Red edge", "NIR (842 nm)"], 3, 5),  # words of longer descriptions
+        (["coastal", "B04 red", "near-infrared"], 2, 3),
+    ],
+)
+def test_ndvi_band_names(tmp_path, names, red, nir):
+    data = smooth_bands(len(names), 32, 40, seed=2)
+    p = make_geotiff(tmp_path / "x.tif", data, descriptions=names)
+    np.testing.assert_allclose(domains.ndvi(p), _numpy_ndvi(data[red - 1], data[nir - 1]), rtol=1e-6, atol=1e-6)
+
+
+def test_ndvi_names_it_cannot_trust_raise_a_typed_error(tmp_path):
+    # Landsat 8 numbering (B4 red, B5 NIR, B8 panchromatic): bare B4/B8 are not taken for Sentinel-2's
+    p = make_geotiff(tmp_path / "l8.tif", smooth_bands(6, 16, 16), descriptions=["B1", "B2", "B3", "B4", "B5", "B8"])
+    with pytest.raises(BandSelectionError, match=r"no red .*Landsat numbering.* pass red=.* 4='B4', 5='B5'"):
+        domains.ndvi(p)
+    np.testing.assert_array_equal(domains.ndvi(p, red="B4", nir="B5"), domains.ndvi(p, red=4, nir=5))
+    with pytest.raises(BandSelectionError, match=r"near-infrared .*1='red', 2='green', 3='blue'"):
+        domains.ndvi(samples.path("landsat"))  # RGB only
+    with pytest.raises(BandSelectionError, match="does not exist"):
+        domains.ndvi(samples.path("aerial"), nir=9)
+    with pytest.raises(BandSelectionError, match="same band"):
+        domains.ndvi(samples.path("aerial"), red=4)
+    assert isinstance(BandSelectionError("x"), ValueError)
+
+
+def test_ndvi_division_by_zero_scale_tags_and_range(tmp_path):
+    """No nodata declared: NIR + red == 0 gives 0 (not NaN); scale/offset tags are applied; [-1, 1]."""
+    red = np.array([[0, 0, 100, 300], [200, 50, 0, 7]], np.uint16)
+    nir = np.array([[0, 100, 0, 100], [200, 150, 9, 0]], np.uint16)
+    p = make_geotiff(tmp_path / "z.tif", np.stack([red, nir]), descriptions=["red", "nir"], tiled=False)
+    v = domains.ndvi(p)
+    np.testing.assert_allclose(v, [[0.0, 1.0, -1.0, -0.5], [0.0, 0.5, 1.0, -1.0]], atol=1e-7)
+    assert not np.isnan(v).any()
+    # surface reflectance with an offset: negative values in red make |NDVI| > 1 without the clip
+    q = make_geotiff(tmp_path / "sr.tif", np.stack([red, nir]) + 1000, descriptions=["red", "nir"], tiled=False,
+                     scales=(1e-4, 1e-4), offsets=(-0.1, -0.1))  # fmt: skip
+    w = domains.ndvi(q)
+    phys = _numpy_ndvi(red.astype(np.float64) * 1e-4, nir.astype(np.float64) * 1e-4)
+    np.testing.assert_allclose(w, phys, atol=1e-5)
+    assert w.min() >= -1.0 and w.max() <= 1.0
+
+
+def test_ndvi_of_the_sentinel2_and_aerial_samples():
+    p = samples.path("sentinel2")  # bands B02, B03, B04, B08
+    with rasterio.open(p) as src:
+        red, nir = src.read(3), src.read(4)
+    v = domains.ndvi(p)
+    np.testing.assert_allclose(v, _numpy_ndvi(red, nir), rtol=1e-6, atol=1e-6)
+    assert not np.isnan(v).any() and -1 <= v.min() < 0 < 0.5 < v.max() <= 1  # water and vegetation
+    a = domains.ndvi(samples.path("aerial"))  # red, green, blue, nir; nodata 0
+    with rasterio.open(samples.path("aerial")) as src:
+        nodata = (src.read([1, 4]) == 0).all(axis=0)
+        want = _numpy_ndvi(src.read(1), src.read(4))
+    assert nodata.any()
+    np.testing.assert_array_equal(np.isnan(a), nodata)
+    np.testing.assert_allclose(a[~nodata], want[~nodata], rtol=1e-6, atol=1e-6)

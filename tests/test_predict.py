@@ -75,6 +75,40 @@ def test_segment_scene_writes_georeferenced_maps(bb, head, tmp_path):
         segment_scene(head, other, p, tmp_path / "x", progress=False)
 
 
+def test_segment_scene_puts_a_copy_of_the_head_on_the_backbones_device(bb, head, tmp_path):
+    """fit_seg_head returns heads on the CPU; segment_scene must move the head to where the backbone's features
+    are (a CUDA backbone would otherwise fail with a device mismatch) and leave the caller's head as it was.
+    On a CPU-only machine the check is that .to(<backbone device>) is called before the head sees features."""
+    import dataclasses
+
+    from dinoapp.heads import LinearSegHead
+    from tests.geo_factory import make_geotiff
+
+    class DeviceCheckingHead(LinearSegHead):
+        placed_on = None  # the device of the last .to(...) call
+
+        def to(self, *args, **kwargs):
+            self.placed_on = torch._C._nn._parse_to(*args, **kwargs)[0]
+            return super().to(*args, **kwargs)
+
+        def forward(self, x):
+            assert self.placed_on == x.device, f"the head was not moved to the features' device {x.device}"
+            return super().forward(x)
+
+    checking = DeviceCheckingHead(head.module.in_channels, head.n_classes)
+    checking.load_state_dict(head.module.state_dict())
+    checking.train()
+    seg = dataclasses.replace(head, module=checking)
+    img, _ = _scene(130, 140, seed=7)
+    p = make_geotiff(tmp_path / "scene.tif", img.transpose(2, 0, 1))
+    out = segment_scene(seg, bb, p, tmp_path / "out" / "scene", tile=128, overlap=32, progress=False)
+    ref = segment_scene(head, bb, p, tmp_path / "ref" / "scene", tile=128, overlap=32, progress=False)
+    with rasterio.open(out["classes"]) as a, rasterio.open(ref["classes"]) as b:
+        np.testing.assert_array_equal(a.read(), b.read())  # the copy computes what the head computes
+    assert checking.placed_on is None and checking.training  # the caller's head: not moved, not switched to eval
+    assert next(checking.parameters()).device == next(bb.parameters()).device
+
+
 def test_scene_nodata_pixels_stay_nodata_and_empty_scene_warns(bb, head, tmp_path):
     from tests.geo_factory import make_geotiff
 

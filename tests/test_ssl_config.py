@@ -42,6 +42,20 @@ def test_overrides_parse_yaml_values():
     assert load_config("cpu-smoke", {"train.steps": 3}).train.steps == 3
 
 
+def test_bands_take_numbers_or_names_as_domains_load_does(tmp_path):
+    """data.bands=[B04,B03,B02] (band descriptions) is as valid as [4,3,2]; both survive the run folder."""
+    for override, want in [("data.bands=[B04,B03,B02]", ["B04", "B03", "B02"]), ("data.bands=[4, B08]", [4, "B08"]),
+                           ("data.bands=[4,3,2]", [4, 3, 2]), ("data.bands=rgb", "rgb"), ("data.bands=B08", "B08"),
+                           ("data.bands=4", 4)]:  # fmt: skip
+        c = load_config("cpu-smoke", [override])
+        assert c.data.bands == want, override
+        assert load_config(c.save(tmp_path / "config.yaml")).data.bands == want, override
+    assert load_config("cpu-smoke", {"data.bands": ["red", "nir"]}).data.bands == ["red", "nir"]
+    for bad in ("data.bands=[1.5]", "data.bands=[[4]]", "data.bands={a: 1}", "data.bands=[true]"):
+        with pytest.raises(ConfigError, match="data.bands must be"):
+            load_config("cpu-smoke", [bad])
+
+
 @pytest.mark.parametrize(
     "override, words",
     [

@@ -120,6 +120,23 @@ def test_multiband_geotiff_needs_matching_in_chans(tmp_path):
     assert SSLDataset(FolderDataset(tmp_path), mc4, in_chans=4, seed=0)[(0, 0)]["global"].shape == (2, 4, 16, 16)
 
 
+def test_band_names_from_the_config_reach_the_geotiff_reader(tmp_path):
+    """data.bands=[B04,B03,B02] selects those bands by description in the training folder's GeoTIFFs."""
+    from dinoapp.ssl.config import load_config
+    from dinoapp.ssl.train import build_source
+
+    data = smooth_bands(4, 32, 32)
+    (tmp_path / "data").mkdir()
+    make_geotiff(tmp_path / "data" / "s2.tif", data, descriptions=["B02", "B03", "B04", "B08"])
+    cfg = load_config("cpu-smoke", [f"data.path={tmp_path / 'data'}", "data.bands=[B04,B03,B02]", "data.stats=null"])
+    src = build_source(cfg.data, seed=0, run_dir=tmp_path / "run")
+    x, meta = src[0]
+    assert meta["channels"] == ["B04", "B03", "B02"] and meta["bands"] == [3, 2, 1] and x.shape == (3, 32, 32)
+    assert src.errors == []
+    item = SSLDataset(src, small_multicrop(), in_chans=3, seed=0)[(0, 0)]
+    assert item["global"].shape == (2, 3, 16, 16)
+
+
 def test_files_the_model_cannot_take_are_skipped(tmp_path):
     """A 2-band raster among RGB ones is recorded and replaced by the next file; the run goes on."""
     make_geotiff(tmp_path / "a_two_bands.tif", smooth_bands(2, 32, 32))

@@ -15,6 +15,7 @@ from dinoapp.ssl.gram import (
     gram_copy_due,
     gram_copy_steps,
     gram_loss,
+    gram_matrix,
     gram_weight,
     resize_patch_grid,
 )
@@ -126,6 +127,53 @@ def test_teacher_width_may_differ_but_images_and_patches_must_match():
 
 
 # ---------------------------------------------------------------------------------------------- resize
+
+
+def naive_gram_matrix(x: torch.Tensor) -> torch.Tensor:
+    """[N, D] -> [N, N]: the cosine similarity of every pair of rows, one pair at a time."""
+    n_ = x.shape[0]
+    out = torch.empty(n_, n_)
+    for i in range(n_):
+        for j in range(n_):
+            out[i, j] = (x[i] * x[j]).sum() / (x[i].norm() * x[j].norm())
+    return out
+
+
+def test_gram_matrix_matches_loop_of_cosine_similarities_in_every_layout():
+    x = features(2, 3, 4, 5, seed=3)  # [B, h, w, D]
+    want = torch.stack([naive_gram_matrix(x[b].reshape(12, 5)) for b in range(2)])  # [B, N, N], row-major patches
+    torch.testing.assert_close(gram_matrix(x[0].reshape(12, 5)), want[0])  # [N, D] -> [N, N]
+    torch.testing.assert_close(gram_matrix(x[0], batched=False), want[0])  # [h, w, D] -> [h*w, h*w]
+    torch.testing.assert_close(gram_matrix(x.reshape(2, 12, 5), batched=True), want)  # [B, N, D] -> [B, N, N]
+    torch.testing.assert_close(gram_matrix(x), want)  # [B, h, w, D] -> [B, h*w, h*w]
+    torch.testing.assert_close(gram_matrix(x[0].numpy(), batched=False), want[0])  # numpy in, tensor out
+    g = gram_matrix(x[0].to(torch.bfloat16), batched=False)
+    assert g.dtype == torch.float32 and g.shape == (12, 12)
+    torch.testing.assert_close(torch.diagonal(gram_matrix(x), dim1=1, dim2=2), torch.ones(2, 12))
+    torch.testing.assert_close(gram_matrix(x, remove_negatives=True), want.clamp(min=0))
+
+
+def test_gram_matrix_is_what_the_gram_loss_compares():
+    xs, xt = features(3, 6, 5, seed=4, requires_grad=True), features(3, 6, 7, seed=5)
+    loss = (gram_matrix(xs, batched=True) - gram_matrix(xt, batched=True)).square().mean()
+    torch.testing.assert_close(loss, gram_loss(xs, xt))
+    (grad,) = torch.autograd.grad(loss, xs)  # the graph is kept
+    assert grad.abs().sum() > 0
+
+
+def test_gram_matrix_errors():
+    with pytest.raises(InputError, match="batched=False.*batched=True"):
+        gram_matrix(features(4, 4, 8, seed=0))  # [h, w, D] or [B, N, D]? must be said
+    with pytest.raises(InputError, match="does not fit"):
+        gram_matrix(features(4, 8, seed=0), batched=True)
+    with pytest.raises(InputError, match="does not fit"):
+        gram_matrix(features(2, 4, 4, 8, seed=0), batched=False)
+    with pytest.raises(InputError, match="float"):
+        gram_matrix(torch.ones(4, 8, dtype=torch.int64))
+    with pytest.raises(InputError, match="float"):
+        gram_matrix(features(8, seed=0))
+    with pytest.raises(InputError, match="no patches"):
+        gram_matrix(torch.zeros(0, 8))
 
 
 def test_resize_identity_shape_and_row_major_layout():

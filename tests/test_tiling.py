@@ -109,3 +109,76 @@ def test_mosaic_rejects_misaligned_and_misshaped_tiles():
         mos.add(domains.Tile(0, 0, 0, 8, 0, 64, 64), np.zeros((2, 4, 4)))
     with pytest.raises(GeoreferenceError, match="expected"):
         mos.add(domains.Tile(0, 0, 0, 0, 0, 64, 64), np.zeros((2, 8, 8)))
+
+
+@pytest.mark.parametrize("edge", ["shift", "pad"])
+def test_write_tiles_png_follow_iter_tiles_with_aligned_label_crops(scene, tmp_path, edge):
+    """PNG tiles: one per iter_tiles tile, named {stem}_{y0}_{x0}, 8-bit display RGB; label crops line up."""
+    from PIL import Image
+
+    path, data = scene
+    H, W = data.shape[1:]
+    labels = (np.arange(H)[:, None] // 7 + np.arange(W)[None, :] // 11) % 5  # [H, W] int64 class ids 0..4
+    out = domains.write_tiles(path, tmp_path / "tiles", 96, overlap=32, edge=edge, min_valid=0.2, labels=labels,
+                              labels_dir=tmp_path / "labels")  # fmt: skip
+    want = list(iter_tiles(path, tile=96, overlap=32, edge=edge, min_valid=0.2, bands="rgb"))
+    assert 0 < len(want) < len(tile_grid(H, W, 96, 32, edge=edge))  # the nodata corner's tiles were skipped
+    assert [p.name for p in out] == [f"s_{m['tile'].y0:05d}_{m['tile'].x0:05d}.png" for _, m in want]
+    assert sorted(p.name for p in (tmp_path / "tiles").iterdir()) == sorted(p.name for p in out)
+    for p, (x, m) in zip(out, want):
+        t = m["tile"]
+        img = np.asarray(Image.open(p))
+        assert img.dtype == np.uint8 and img.shape == (96, 96, 3)
+        np.testing.assert_array_equal(img, (x.transpose(1, 2, 0) * 255).round().astype(np.uint8))
+        lab = np.asarray(Image.open(tmp_path / "labels" / p.name))
+        assert lab.dtype == np.uint8 and lab.shape == (96, 96)
+        inside = np.zeros((96, 96), bool)
+        inside[: H - t.y0, : W - t.x0] = True
+        ok = inside & m["valid"]
+        assert (lab[~ok] == 255).all()  # beyond the scene or nodata: unlabelled
+        ref = np.full((96, 96), -1)
+        ref[: min(96, H - t.y0), : min(96, W - t.x0)] = labels[t.y0 : t.y0 + 96, t.x0 : t.x0 + 96]
+        np.testing.assert_array_equal(lab[ok], ref[ok])
+    if edge == "pad":
+        assert any((t := m["tile"]).y0 + 96 > H or t.x0 + 96 > W for _, m in want)  # the padding was exercised
+
+
+def test_write_tiles_geotiff_tiles_sit_on_their_window(scene, tmp_path):
+    """fmt='tif': float tiles of raw values with the scene's CRS and the transform of their window."""
+    from rasterio.windows import Window
+    from rasterio.windows import transform as window_transform
+
+    path, data = scene
+    out = domains.write_tiles(path, tmp_path / "t", 128, overlap=64, fmt="tif", bands=None, min_valid=0.0)
+    want = list(iter_tiles(path, tile=128, overlap=64, bands=None, stretch="none"))
+    assert [p.name for p in out] == [f"s_{m['tile'].y0:05d}_{m['tile'].x0:05d}.tif" for _, m in want]
+    padded = np.zeros((4, 512, 512), data.dtype)  # "shift" tiles may reach < 16 px beyond the scene
+    padded[:, :333, :401] = data
+    with rasterio.open(path) as src:
+        for p, (x, m) in zip(out, want):
+            t = m["tile"]
+            with rasterio.open(p) as tif:
+                assert tif.crs == src.crs and tif.count == 4 and tif.dtypes[0] == "float32"
+                assert tif.transform == window_transform(Window(t.x0, t.y0, t.width, t.height), src.transform)
+                assert tif.descriptions == ("b", "g", "r", "n")
+                v = tif.read()
+            ok = m["valid"]
+            np.testing.assert_array_equal(v[:, ok], padded[:, t.y0 : t.y0 + 128, t.x0 : t.x0 + 128][:, ok])
+            np.testing.assert_array_equal(v[:, ok], x[:, ok])
+            assert np.isnan(v[:, ~ok]).all()  # nodata stays nodata
+    back, meta = domains.load(out[0], stretch="none")  # reads back as a georeferenced raster, nodata invalid
+    assert np.array_equal(meta["valid"], want[0][1]["valid"])
+
+
+def test_write_tiles_rejects_what_it_cannot_write(scene, tmp_path):
+    path, data = scene
+    with pytest.raises(domains.OptionValueError, match="1 .grey. or 3 .RGB. bands"):
+        domains.write_tiles(path, tmp_path / "a", 128, bands=None)  # 4 bands as PNG
+    with pytest.raises(domains.OptionValueError, match="fmt"):
+        domains.write_tiles(path, tmp_path / "b", 128, fmt="jpg")
+    with pytest.raises(domains.OptionValueError, match="labels_dir"):
+        domains.write_tiles(path, tmp_path / "c", 128, labels=np.zeros(data.shape[1:], np.uint8))
+    with pytest.raises(GeoreferenceError, match="333 x 401"):
+        domains.write_tiles(path, tmp_path / "d", 128, labels=np.zeros((10, 10), np.uint8), labels_dir=tmp_path / "l")
+    with pytest.raises(domains.OptionValueError, match="integers"):
+        domains.write_tiles(path, tmp_path / "e", 128, labels=np.zeros(data.shape[1:]), labels_dir=tmp_path / "l")

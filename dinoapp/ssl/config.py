@@ -55,7 +55,8 @@ class DataConfig:
     local_scale: tuple[float, float] = (0.05, 0.32)
     window: int | None = None  # read random windows of this size (big scenes: bounded memory)
     min_valid: float = 0.5  # windows with fewer valid (non-nodata) pixels are redrawn
-    bands: list[int] | str | None = None  # GeoTIFF bands (1-based numbers, names or "rgb")
+    bands: list[int | str] | int | str | None = None  # GeoTIFF bands: 1-based numbers and/or names ([4,3,2],
+    #                                                   [B04,B03,B02]), one band, or "rgb" (as domains.load takes them)
     stats: str | None = None  # GeoTIFF band statistics JSON (dinoapp/domains compute_band_stats)
     dicom_window: str | None = None  # DICOM display window: preset name ("lung"), "c,w", or None (auto)
     num_workers: int = 0
@@ -457,7 +458,9 @@ def _type_name(hint: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin in (tuple, list):
         plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
-        inner = plural.get(args[0], "values") if args else "values"
+        union = args and typing.get_origin(args[0]) in (typing.Union, types.UnionType)
+        parts = typing.get_args(args[0]) if union else args[:1]  # list[int | str]: "integers or strings"
+        inner = " or ".join(plural.get(a, "values") for a in parts) if args else "values"
         fixed = origin is tuple and args and args[-1] is not Ellipsis
         return f"a list of {len(args)} {inner}" if fixed else f"a list of {inner}"
     if origin is dict or dataclasses.is_dataclass(hint):

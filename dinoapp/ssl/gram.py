@@ -6,7 +6,8 @@ degrade. A frozen *Gram teacher* from an earlier, healthier point of training an
 matrices of every image, not the features themselves, so the student stays free to move its
 features as long as their pairwise cosine similarities stay put.
 
-- :func:`gram_loss` / :class:`GramLoss`: ``mean((Xs Xs^T - Xt Xt^T)^2)`` of L2-normalised patch features.
+- :func:`gram_loss` / :class:`GramLoss`: ``mean((Xs Xs^T - Xt Xt^T)^2)`` of L2-normalised patch features;
+  :func:`gram_matrix`: the ``X X^T`` itself (patch-to-patch cosine similarities), to look at.
 - :func:`resize_patch_grid`: the high-resolution trick; the Gram teacher sees the same crop at 2x
   size and its patch grid is resized (bicubic, align_corners False) to the student's grid.
 - :func:`gram_copy_steps` / :func:`gram_copy_due`: when the EMA teacher is copied into the Gram teacher
@@ -56,12 +57,51 @@ def _no_autocast(device: torch.device):
 
 
 def _gram(x: torch.Tensor, remove_negatives: bool) -> torch.Tensor:
-    """Cosine similarities of every pair of patches of each image: [B, N, D] -> [B, N, N] (float32)."""
+    """Cosine similarities of every pair of patches of each image: [B, N, D] -> [B, N, N] (float32).
+
+    The one implementation behind :func:`gram_loss` and :func:`gram_matrix`."""
     z = F.normalize(x.float(), dim=-1)  # [B, N, D], unit patch vectors
     g = torch.bmm(z, z.transpose(1, 2))  # [B, N, N]
     if remove_negatives:
         g = g.clamp(min=0.0)  # negative similarities -> 0 (gradient 0 there, as with masked_fill)
     return g
+
+
+def gram_matrix(features, *, batched: bool | None = None, remove_negatives: bool = False) -> torch.Tensor:
+    """The patch Gram matrix as :func:`gram_loss` defines it: every patch vector L2-normalised, ``G = X X^T``.
+
+    Entry ``(i, j)`` is the cosine similarity of patches ``i`` and ``j`` (row-major patch order,
+    ``i = row * w + col``), so row ``i`` reshaped to ``[h, w]`` is patch ``i``'s similarity map
+    (:func:`dinoapp.viz.similarity_map`). Shapes: ``[N, D] -> [N, N]``; ``[B, h, w, D] -> [B, h*w, h*w]``
+    (``extract(...).patches``); 3-D input is ambiguous, so say which it is: ``batched=False`` for one
+    image's patch grid ``[h, w, D] -> [h*w, h*w]`` (``dense_features(...).patches``), ``batched=True``
+    for ``[B, N, D] -> [B, N, N]`` (what :func:`gram_loss` takes). ``remove_negatives``: similarities
+    below 0 set to 0, as in the loss with ``gram.remove_negatives``.
+
+    A float tensor or a numpy array; returns float32 on the input's device (autocast off), with the
+    graph kept for tensors that require grad. A zero vector has similarity 0 with everything, itself
+    included. Memory: ``B * N^2`` floats (N = 4096 patches, a 1024 px image: 64 MB).
+    """
+    x = torch.as_tensor(features) if not isinstance(features, torch.Tensor) else features
+    if not x.is_floating_point() or x.ndim not in (2, 3, 4):
+        raise InputError(
+            f"gram_matrix: features must be a float array [N, D], [h, w, D], [B, N, D] or [B, h, w, D], got "
+            f"{x.dtype} of shape {tuple(x.shape)}"
+        )
+    if x.ndim == 3 and batched is None:
+        raise InputError(
+            f"gram_matrix: 3-D features {tuple(x.shape)} are either one image's patch grid [h, w, D] (pass "
+            "batched=False) or a batch of patch lists [B, N, D] as gram_loss takes them (pass batched=True)"
+        )
+    if (x.ndim == 2 and batched) or (x.ndim == 4 and batched is False):
+        raise InputError(f"gram_matrix: batched={batched} does not fit features of shape {tuple(x.shape)}")
+    single = x.ndim == 2 or (x.ndim == 3 and not batched)
+    b = x.reshape(1, -1, x.shape[-1]) if single else x.reshape(x.shape[0], -1, x.shape[-1])  # [B, N, D]
+    if b.shape[1] == 0:
+        raise InputError(f"gram_matrix: no patches (shape {tuple(x.shape)})")
+    with _no_autocast(b.device):
+        g = _gram(b, remove_negatives)  # [B, N, N] float32
+    return g[0] if single else g
 
 
 def gram_loss(student: torch.Tensor, teacher: torch.Tensor, *, remove_negatives: bool = False) -> torch.Tensor:
