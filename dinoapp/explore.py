@@ -529,13 +529,24 @@ class FeatureView:
         for the view itself the clicked patch is framed and is ``top_k[0]`` (similarity 1).
         """
         r, c = self.patch_at(x, y)
+        return self.similarity_at(r, c, other=other, k=k, alpha=alpha)
+
+    def similarity_at(self, row: int, col: int, *, other: FeatureView | None = None, k: int = 5,
+                      alpha: float = 0.6) -> SimilarityResult:  # fmt: skip
+        """:meth:`similarity` for the patch at ``(row, col)`` of the patch grid (e.g. from sliders) instead of
+        a pixel. Negative indices count from the end, as in numpy."""
+        h, w = self.grid
+        for name, v, n in (("row", row, h), ("col", col, w)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not -n <= v < n:
+                raise InputError(f"{name} must be an integer patch index in [0, {n - 1}] (grid {h}x{w}), got {v!r}")
+        r, c = int(row) % h, int(col) % w
         same = other is None or other is self
         target = self if same else other
         if not same:
             _same_features(self, target, "other")
-        scores = viz.similarity_map(self._np, (r, c), other=None if same else target._np)  # [h2, w2]
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
+        scores = viz.similarity_map(self._np, (r, c), other=None if same else target._np)  # [h2, w2]
         if same:  # the clicked patch first even where another patch ties at similarity 1
             rest = [t for t in viz.top_k_patches(scores, int(k) + 1) if (t[0], t[1]) != (r, c)]
             top = [(r, c, float(scores[r, c])), *rest][: int(k)]

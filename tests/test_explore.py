@@ -256,6 +256,27 @@ def test_clicks_map_to_patches_on_non_square_images_at_another_resolution(bb, as
         v.similarity(10, 400)  # y beyond the 300 rows
 
 
+def test_similarity_at_a_grid_position_matches_the_click_on_that_patch(bb, astronaut_png):
+    li = explore.open_image(astronaut_png)
+    v = explore.FeatureView(bb, li, resolution=160)  # grid 6 x 10
+    (h, w), (H, W) = v.grid, li.size
+    for r, c in ((0, 0), (5, 9), (2, 7)):
+        at = v.similarity_at(r, c, k=3)
+        click = v.similarity((c + 0.5) * W / w, (r + 0.5) * H / h, k=3)
+        assert at.patch == (r, c) and at.top_k[0] == (r, c, 1.0)
+        np.testing.assert_array_equal(at.scores, click.scores)
+        np.testing.assert_array_equal(at.overlay, click.overlay)
+        # the naive reference: cosine of patch (r, c) with every patch
+        f = v.patches.double().numpy()
+        q = f[r, c]
+        ref = (f @ q) / (np.linalg.norm(f, axis=-1) * np.linalg.norm(q))
+        np.testing.assert_allclose(at.scores, ref, atol=1e-5)
+    assert v.similarity_at(-1, -1).patch == (h - 1, w - 1)
+    for bad in ((h, 0), (0, -w - 1), (1.5, 2), (True, 0)):
+        with pytest.raises(InputError, match="patch index"):
+            v.similarity_at(*bad)
+
+
 def test_a_click_costs_no_forward_pass(bb, astronaut_png, monkeypatch):
     v = explore.FeatureView(bb, explore.open_image(astronaut_png), resolution=128)
     other = explore.FeatureView(bb, explore.open_image(astronaut_png), resolution=192)
