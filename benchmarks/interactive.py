@@ -66,7 +66,8 @@ def main() -> None:
         return viz.upsample(viz.pca_rgb(f.patches), (H, W), mode="nearest")
 
     def sim_map(f):
-        return viz.overlay(shown, viz.similarity_map(f.patches, (20, 30)), alpha=0.6, vmin=0.0, vmax=1.0)
+        h, w = f.patches.shape[:2]  # query the centre patch, whatever --size gives
+        return viz.overlay(shown, viz.similarity_map(f.patches, (h // 2, w // 2)), alpha=0.6, vmin=0.0, vmax=1.0)
 
     rows = []
     for name, fn in (("PCA map", pca_map), ("similarity map", sim_map)):

@@ -41,7 +41,8 @@ def _load_opts(args, path: Path | None = None, bb=None) -> dict[str, Any]:
 
     geo: dict[str, Any] = {}
     if args.bands:
-        geo["bands"] = "rgb" if args.bands == ["rgb"] else [int(b) if b.isdigit() else b for b in args.bands]
+        items = [b.strip() for a in args.bands for b in a.split(",") if b.strip()]  # "4,3,2" or 4 3 2
+        geo["bands"] = "rgb" if [b.lower() for b in items] == ["rgb"] else [int(b) if b.isdigit() else b for b in items]
     elif (
         path is not None
         and bb is not None
@@ -317,7 +318,8 @@ def _predict(args) -> None:
 
 
 def _common(p: argparse.ArgumentParser, backbone_required: bool = True) -> None:
-    p.add_argument("--backbone", required=backbone_required, default=os.environ.get("DINOAPP_BACKBONE"),
+    env = os.environ.get("DINOAPP_BACKBONE") or None  # argparse ignores defaults of required options
+    p.add_argument("--backbone", required=backbone_required and env is None, default=env,
                    help="timm name, checkpoint path or architecture (env DINOAPP_BACKBONE)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--resolution", type=int, default=None, help="long side in px (default: native size)")
@@ -326,7 +328,7 @@ def _common(p: argparse.ArgumentParser, backbone_required: bool = True) -> None:
     p.add_argument("--tile", type=int, default=512, help="window size for large inputs (px, multiple of 16)")
     p.add_argument("--overlap", type=int, default=128, help="window overlap (px, multiple of 16)")
     p.add_argument("--max-tokens", type=int, default=4096, help="patches above which windows are used")
-    p.add_argument("--bands", nargs="+", default=None, help="GeoTIFF bands: numbers, names or 'rgb'")
+    p.add_argument("--bands", nargs="+", default=None, help="GeoTIFF bands: numbers or names (4 3 2 or 4,3,2) or 'rgb'")
     p.add_argument("--stats", default=None, help="band statistics JSON (domains.BandStats) for GeoTIFFs")
     p.add_argument("--dicom-window", default=None, help="DICOM window preset (lung, bone, ..., rgb3)")
 

@@ -76,6 +76,22 @@ def test_pca_png_and_georeferenced_tif(files, tmp_path):
     assert "components" in json.loads((tmp_path / "pca_basis.json").read_text())
 
 
+def test_backbone_from_env_and_comma_separated_bands(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOAPP_BACKBONE", str(files / "bb.safetensors"))
+    # no --backbone: the environment variable names it; bands given as the app writes them ("3,2,1")
+    assert main(["pca", str(files / "scene.tif"), "--bands", "3,2,1", "--out", str(tmp_path / "a")]) == 0
+    assert main(["pca", str(files / "scene.tif"), "--bands", "3", "2", "1", "--out", str(tmp_path / "b")]) == 0
+    with rasterio.open(tmp_path / "a" / "scene_pca.tif") as a, rasterio.open(tmp_path / "b" / "scene_pca.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    # band order matters: 3,2,1 is not 1,2,3 (the default RGB choice)
+    assert main(["pca", str(files / "scene.tif"), "--out", str(tmp_path / "c")]) == 0
+    with rasterio.open(tmp_path / "a" / "scene_pca.tif") as a, rasterio.open(tmp_path / "c" / "scene_pca.tif") as c:
+        assert not np.array_equal(a.read(), c.read())
+    monkeypatch.delenv("DINOAPP_BACKBONE")
+    with pytest.raises(SystemExit):  # no flag, no variable: argparse's "required" error
+        main(["pca", str(files / "scene.tif"), "--out", str(tmp_path / "d")])
+
+
 def test_similarity_png_tif_and_errors(files, tmp_path, capsys):
     bb = ["--backbone", str(files / "bb.safetensors")]
     assert main(["similarity", str(files / "images" / "im0.png"), "--pixel", "10", "20", "--out",
