@@ -13,6 +13,7 @@ under ``--allowed-dir``.
 """
 
 import argparse
+import contextlib
 import functools
 import os
 import shutil
@@ -33,6 +34,7 @@ from dinoapp.errors import ConfigError, DinoappError, InputError
 DEFAULT_WEIGHTS = "vit_small_patch16_dinov3.lvd1689m"
 MAX_FILES = 16  # images per explore call
 MAX_TRAIN = 24  # painted images per session
+DEFAULT_READ = {"bands": None, "dicom_window": None, "stretch": None}  # how explore.open_image reads by default
 CLASS_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (70, 240, 240)]
 
 
@@ -79,7 +81,7 @@ class Backbones:
         if uploaded:
             key = str(uploaded_path(source))
         elif not trusted and source != "demo" and hub.split_timm_name(source) is None:
-            key = str(allowed_path(source, self.settings))
+            key = str(self._client_path(source))
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -87,7 +89,10 @@ class Backbones:
         if key == "demo":
             from dinoapp.demo import DEMO_NOTICE, demo_backbone
 
-            item = (demo_backbone(device=self.settings.device), DEMO_NOTICE)
+            bb = demo_backbone(device=self.settings.device)
+            bb.provenance["source"] = Path(str(bb.provenance.get("source") or "demo")).name  # never the install path
+            bb.provenance.pop("path", None)
+            item = (bb, DEMO_NOTICE)
         else:
             bb = dinoapp.load_backbone(key, device=self.settings.device)
             if Path(key).expanduser().exists():  # a file or folder: visitors see its name, never server folders
@@ -99,6 +104,24 @@ class Backbones:
             while len(self._items) > self.settings.max_backbones:
                 self._items.popitem(last=False)
         return (key, *item)
+
+    def _client_path(self, source: str) -> Path:
+        """A server path a client named; a bare name (no folder) is looked up in the allowed folder, and
+        is otherwise refused as what it most likely is: a model name this app does not load for clients."""
+        bare = "/" not in source and os.sep not in source and not source.startswith(("~", "."))
+        if not bare:
+            return allowed_path(source, self.settings)
+        root = self.settings.allowed_dir
+        if root is not None and (root / source).exists():
+            return allowed_path(str(root / source), self.settings)
+        where = ("nor a file in the allowed folder" if root is not None
+                 else "and opening files on the server by path is off")  # fmt: skip
+        raise InputError(
+            f"{source} is neither a released DINOv3 model name (e.g. {DEFAULT_WEIGHTS} or "
+            f"vit_large_patch16_dinov3.sat493m) {where}: upload the checkpoint file, give the path of a file under "
+            f"the allowed folder, or ask the operator to start the app with --weights {source} (other timm models "
+            "and architectures are loaded that way only)"
+        )
 
 
 def allowed_path(path: str, settings: Settings) -> Path:
@@ -171,7 +194,10 @@ class Session:
     class_names: list[str] = field(default_factory=list)  # the classes of the current head
     head: Any = None
     head_slot: str = "A"
-    open_opts: dict = field(default_factory=dict)  # the explorer's bands / window: the head trainer reads alike
+    open_opts: dict = field(default_factory=lambda: dict(DEFAULT_READ))  # the explorer's bands / window / stretch:
+    # the head trainer reads alike
+    train_read: dict | None = None  # the read settings (bands / window / stretch) of the training set's images
+    base_bytes: int = 0  # what the session held when the running handler started (for memory messages)
     _out: Path | None = None
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
@@ -216,6 +242,7 @@ def changes_session(fn):
             return fn(self, s, *args, **kwargs)
         with s.lock:
             saved = s.snapshot()
+            s.base_bytes = s.nbytes()
             try:
                 return fn(self, s, *args, **kwargs)
             except BaseException:
@@ -285,27 +312,37 @@ class App:
         """Refuse what makes this session hold more than ``--session-mb`` (the handler's changes are undone)."""
         used = s.nbytes()
         if used > self._cap():
-            raise InputError(self._over(used / 2**20))
+            raise InputError(self._over(s, used - s.base_bytes))
 
-    def _over(self, mb: float) -> str:
+    def _over(self, s: Session, need: float) -> str:
+        """How much this step needs against what is left of the session's memory, and what to do."""
+        base = min(s.base_bytes, self._cap())
+        left, held = (self._cap() - base) / 2**20, base / 2**20
         return (
-            f"that needs {mb:.0f} MB or more of images and features in your session, over this app's limit of "
-            f"{self.settings.session_mb} MB per session: use fewer or smaller images or a lower processing "
-            "resolution (the operator sets the limit with --session-mb)"
+            f"that needs about {need / 2**20:.1f} MB of images and features, but your session has only "
+            f"{left:.1f} MB left of its {self.settings.session_mb} MB (what you explored or painted before holds "
+            f"{held:.1f} MB): lower the processing resolution, use fewer or smaller images, close images you no "
+            "longer need (explore fewer images, or reload the page for a new session), or ask the operator for "
+            "more with --session-mb (this app's limit per session)"
         )
 
-    def _open(self, s: Session, src: Any, slice_index: int | None = None) -> explore.LoadedImage:
-        """``explore.open_image`` with the session's read settings, refusing before decoding an image that
-        would not fit in what is left of the session's memory."""
+    def _open(self, s: Session, src: Any, slice_index: int | None = None, opts: dict | None = None):
+        """``explore.open_image`` with the session's read settings (or ``opts``), refusing before decoding an
+        image that would not fit in what is left of the session's memory."""
+        opts = s.open_opts if opts is None else opts
         left = self._cap() - s.nbytes()
         limit = max(1, left // 16)  # bytes per pixel: float32 x 3 channels + RGB for display (+ masks)
         if limit >= 64_000_000:  # open_image's own limit applies
-            return explore.open_image(src, **s.open_opts, slice_index=slice_index)
+            return explore.open_image(src, **opts, slice_index=slice_index)
         try:
-            return explore.open_image(src, **s.open_opts, slice_index=slice_index, max_pixels=limit)
+            return explore.open_image(src, **opts, slice_index=slice_index, max_pixels=limit)
         except InputError as e:
             if "(max_pixels)" in str(e):
-                raise InputError(self._over((s.nbytes() + 16 * (limit + 1)) / 2**20)) from None
+                import re
+
+                size = re.search(r" is (\d+) x (\d+) pixels", str(e))  # the image's size, read from its header
+                pixels = int(size[1]) * int(size[2]) if size else limit + 1
+                raise InputError(self._over(s, s.nbytes() - s.base_bytes + 16 * pixels)) from None
             raise
 
     def backbone_info(self, s: Session | None) -> tuple[Session, str]:
@@ -350,19 +387,22 @@ class App:
             raise InputError(f"{len(paths)} files: explore at most {MAX_FILES} at a time")
         sl = None if slice_index in (None, -1) else int(_number(slice_index, "slice"))
         win = None if window in ("", "auto", None) else window
-        s.open_opts = {"bands": _bands(bands), "dicom_window": win}
+        s.open_opts = {"bands": _bands(bands), "dicom_window": win, "stretch": None}
         s.resolution = int(_number(resolution, "resolution"))
         s.layer = None if layer in (None, "", -1) else int(_number(layer, "layer"))
         s.images, s.views = [], {}  # the old gallery goes (and comes back if this fails)
+        s.base_bytes = s.nbytes()  # what stays: the training set
         for item in _gallery_items(paths):
             s.images.append(self._open(s, item, slice_index=sl))
             self._fits(s)
         img = s.images[0]
         va = self.view(s, "A")
+        vb = self.view(s, "B")
         for i in range(1, len(s.images)):  # cross-image similarity and the joint PCA need them: compute now (queued)
             self.view(s, "A", i)
+            if vb is not None:  # and the comparison backbone's map of a cross-image click
+                self.view(s, "B", i)
         pca_a = va.pca(foreground=bool(foreground))
-        vb = self.view(s, "B")
         pca_b = vb.pca(foreground=bool(foreground)) if vb is not None else None
         self._fits(s)
         info = {
@@ -433,8 +473,14 @@ class App:
             raise InputError("name at least two classes, separated by commas (e.g. water, land)")
         if len(names) > len(CLASS_COLORS):
             raise InputError(f"at most {len(CLASS_COLORS)} classes (one brush colour each)")
-        if names != s.train_names:
-            s.train = []  # a new class list starts a new training set
+        note = ""
+        if s.train and names == s.train_names and s.train_read != s.open_opts:
+            note = (
+                f" (a new training set: the images before were read with {_describe_read(s.train_read)}, this one "
+                f"with {_describe_read(s.open_opts)}; one head reads all its images alike)"
+            )
+        if names != s.train_names or s.train_read != s.open_opts:
+            s.train = []  # a new class list (or other bands / window) starts a new training set
         if len(s.train) >= MAX_TRAIN:
             raise InputError(f"{MAX_TRAIN} painted images are enough for a linear head: train now")
         paths = _paths(file)
@@ -446,9 +492,9 @@ class App:
         if not painted:
             raise InputError("no scribbles found: paint over the image with the class colours first")
         s.train.append((img, mask))
-        s.train_names = names
+        s.train_names, s.train_read = names, dict(s.open_opts)
         self._fits(s)
-        return s, f"{len(s.train)} training image(s); painted pixels: {painted}"
+        return s, f"{len(s.train)} training image(s); painted pixels: {painted}{note}"
 
     @changes_session
     def train_head(self, s: Session | None, epochs: int = 100, progress=None) -> tuple[Session, np.ndarray, dict]:
@@ -490,6 +536,7 @@ class App:
         if len(names) > len(CLASS_COLORS):
             raise InputError(f"at most {len(CLASS_COLORS)} classes here (one display colour each)")
         s.train, s.train_names = [], names  # replaces the painted set (restored if this fails)
+        s.train_read = dict(s.open_opts)
         present: set[int] = set()
         for i in ims:
             img, mask = self._open(s, i), read_mask(by_stem[Path(i).stem])
@@ -524,10 +571,11 @@ class App:
         names = s.train_names
         bb = self.backbone(s, "A")[0]
         views = [explore.FeatureView(bb, img, resolution=s.resolution, layer=s.layer) for img, _ in s.train]
-        masks = [m for _, m in s.train]
+        masks = [img.mask_invalid(m) for img, m in s.train]  # labels on nodata pixels neither train nor count
         head = explore.fit_head_from_scribbles(
             views, masks, len(names), class_names=names, epochs=int(epochs), progress=progress
         )
+        head.preprocessing = {**head.preprocessing, "read": dict(s.train_read or s.open_opts)}  # saved with it
         preds = [explore.predict(head, v)[0] for v in views]
         # on the labelled pixels of the training images (the scribbles themselves, or the uploaded masks)
         report = segmentation_report(np.concatenate([m.ravel() for m in masks]),
@@ -579,6 +627,7 @@ class App:
                 yield v
 
         clf = explore.fit_classifier(views(), ys, kind=kind)
+        clf.preprocessing = {**(getattr(clf, "preprocessing", None) or {}), "read": dict(s.open_opts)}
         s.head, s.head_slot = clf, "A"
         s.class_names = [str(c) for c in clf.classes_]
         proba = clf.predict_proba(torch.cat(embedded))  # [N, C]
@@ -600,8 +649,14 @@ class App:
         paths = _paths(file)
         if not paths:
             raise InputError("upload an image to predict on")
-        img = self._open(s, paths[0])
-        # the head's own settings (a loaded head may come from another session)
+        # the head's own settings (a loaded head may come from another session): how images are read, too
+        read = _head_read(s.head)
+        if read is None:
+            read_with = (f"{_describe_read(s.open_opts)} (this session's explore settings: the head does not record "
+                         "the bands / window it was trained with)")  # fmt: skip
+        else:
+            read_with = _describe_read(read)
+        img = self._open(s, paths[0], opts=s.open_opts if read is None else read)
         res = (getattr(s.head, "preprocessing", None) or {}).get("resolution") or s.resolution
         layers = getattr(s.head, "layers", None)
         v = explore.FeatureView(self.backbone(s, s.head_slot)[0], img, resolution=res,
@@ -609,7 +664,8 @@ class App:
         if _is_classifier(s.head):
             proba = explore.classify(s.head, v)
             best = next(iter(proba))
-            out: dict[str, Any] = {"predicted": best, "probabilities": {c: round(q, 4) for c, q in proba.items()}}
+            out: dict[str, Any] = {"predicted": best, "probabilities": {c: round(q, 4) for c, q in proba.items()},
+                                   "read_with": read_with}  # fmt: skip
             if (true_label or "").strip():
                 out["correct"] = best == true_label.strip()
             return s, img.rgb, out, []
@@ -623,6 +679,7 @@ class App:
         metrics: dict[str, Any] = {
             "classes": s.class_names,
             "pixels": {n: int((labels == i).sum()) for i, n in enumerate(s.class_names)},
+            "read_with": read_with,
         }
         gt = _paths(mask_file)
         if gt:
@@ -632,16 +689,18 @@ class App:
             truth = read_mask(gt[0])
             if truth.shape != labels.shape:
                 raise InputError(f"the ground-truth mask is {truth.shape}, the image {labels.shape}")
+            truth = img.mask_invalid(truth)  # the raster's nodata pixels are not scored
             metrics["miou"] = round(float(mean_iou(truth, labels, len(s.class_names))), 4)
         return s, explore.label_overlay(img, labels, colors=CLASS_COLORS[: len(s.class_names)]), metrics, files
 
     @changes_session
     def save_head(self, s: Session | None) -> tuple[Session, str]:
-        """The head as a .safetensors file (it names its backbone by file name: loaded files never carry the
-        server's folders, see :meth:`Backbones.get`)."""
+        """The head as a .safetensors file, with the identity of the backbone it was trained on (kept on the head:
+        backbone A may have changed since) and the read settings of its images (bands / window / stretch). It
+        names its backbone by file name: loaded files never carry the server's folders (:meth:`Backbones.get`)."""
         if s is None or s.head is None:
             raise InputError("train a head first")
-        bb, _ = self.backbone(s, s.head_slot)
+        bb = None if getattr(s.head, "identity", None) else self.backbone(s, s.head_slot)[0]
         return s, str(dinoapp.heads.save_head(s.head, s.out_dir / "head.safetensors", backbone=bb))
 
     @changes_session
@@ -655,7 +714,11 @@ class App:
         names = [str(c) for c in head.classes_] if _is_classifier(head) else getattr(head, "class_names", None)
         s.head, s.head_slot = head, "A"
         s.class_names = list(names or [f"class {k}" for k in range(int(getattr(head, "n_classes", 0) or 0))])
-        return s, f"head loaded: {type(head).__name__}, classes {s.class_names}"
+        read = _head_read(head)
+        how = (f"reads images with {_describe_read(read)}" if read is not None else
+               "note: this head file does not record the bands / window it was trained with; predictions read "
+               "images with this session's explore settings")  # fmt: skip
+        return s, f"head loaded: {type(head).__name__}, classes {s.class_names}; {how}"
 
 
 # --- small glue helpers --------------------------------------------------------------------------------
@@ -669,7 +732,41 @@ def _slot(slot: str) -> None:
 
 
 def _class_names(text: str | None) -> list[str]:
-    return [n.strip() for n in (text or "").split(",") if n.strip()]
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    seen: dict[str, str] = {}
+    for n in names:
+        if n.casefold() in seen:
+            raise InputError(f"the class names {seen[n.casefold()]!r} and {n!r} are the same: give each class its "
+                             "own name (comma separated, e.g. water, land)")  # fmt: skip
+        seen[n.casefold()] = n
+    return names
+
+
+def _head_read(head: Any) -> dict | None:
+    """The read settings (bands / DICOM window / stretch) a head's images were read with; None for head files
+    that do not record them."""
+    read = (getattr(head, "preprocessing", None) or {}).get("read")
+    if not isinstance(read, dict):
+        return None
+    from domains.geotiff import STRETCHES
+
+    # a head file is a visitor's upload: only these settings, and a stretch only by name (never a file to open)
+    out = {k: read.get(k) for k in DEFAULT_READ}
+    if not (out["stretch"] is None or (isinstance(out["stretch"], str) and out["stretch"] in STRETCHES)):
+        raise InputError("this head file records an unknown stretch for its images: save the head again")
+    return out
+
+
+def _describe_read(opts: dict | None) -> str:
+    """Read settings in words: "bands 4,3,2, DICOM window lung, stretch auto"."""
+    opts = opts or {}
+    bands = opts.get("bands")
+    b = "default" if bands is None else bands if isinstance(bands, str) else ",".join(str(x) for x in bands)
+    stretch = opts.get("stretch")
+    return (
+        f"bands {b}, DICOM window {opts.get('dicom_window') or 'auto'}, "
+        f"stretch {stretch if isinstance(stretch, str) else 'auto' if stretch is None else 'custom'}"
+    )
 
 
 def _gallery_items(paths: list[str]) -> list:
@@ -733,20 +830,51 @@ def _bands(text: str | None):
 
 
 def scrub_paths(msg: str, settings: Settings) -> str:
-    """``msg`` without the server's folders: a path under gradio's upload folder, the temp folder, the
-    allowed folder or the folder of ``--weights`` is cut to its file name."""
+    """``msg`` without the server's folders: a path under gradio's upload folder, the temp folder, the allowed
+    folder, the folder of ``--weights``, the Hugging Face hub cache or the home folder is cut to its file name;
+    such a folder named alone becomes a placeholder ("<allowed folder>"). Folders match only as whole path
+    parts at the start of a path (``/tmp`` is not cut out of ``/var/tmp/x``), the longest first."""
     import re
 
     from gradio.utils import get_upload_folder
 
-    roots = {get_upload_folder(), tempfile.gettempdir(), str(Path(get_upload_folder()).resolve())}
-    if settings.allowed_dir is not None:
-        roots |= {str(settings.allowed_dir), str(settings.allowed_dir.resolve())}
+    named: dict[str, str] = {}  # folder -> placeholder; later entries win for the same folder
+
+    def add(path: Any, label: str) -> None:
+        if not path:
+            return
+        for p in (Path(path).expanduser(), Path(path).expanduser().resolve()):
+            r = str(p).rstrip(os.sep)
+            if r and r != os.sep and len(r) > 1:
+                named[r] = label
+
+    with contextlib.suppress(RuntimeError):  # no home folder
+        add(str(Path.home()), "~")
+    try:
+        from huggingface_hub import constants as hf
+
+        add(hf.HF_HOME, "<hub cache>")
+        add(hf.HF_HUB_CACHE, "<hub cache>")
+    except ImportError:
+        pass
+    add(tempfile.gettempdir(), "<temp folder>")
+    add(get_upload_folder(), "<upload folder>")
     if settings.weights and Path(settings.weights).expanduser().exists():
-        w = Path(settings.weights).expanduser()
-        roots |= {str(w.parent), str(w.resolve().parent)}
-    for root in sorted((r.rstrip(os.sep) for r in roots if r and r != os.sep), key=len, reverse=True):
-        msg = re.sub(re.escape(root) + r"(?:/[^/\s'\"]+)*/", "", msg)
+        add(Path(settings.weights).expanduser().parent, "<weights folder>")
+    if settings.allowed_dir is not None:
+        add(settings.allowed_dir, "<allowed folder>")
+    before = r"(?:^|(?<=[\s'\"(\[{=:,;<>]))"  # a path starts the text or follows a space, quote, bracket, =, :
+    after = r"(?=$|/|[\s'\"()\[\]{},;:<>]|\.(?:$|\s))"  # the folder ends: end, "/", punctuation
+    for root in sorted(named, key=len, reverse=True):
+        pattern = before + re.escape(root) + after + r"(?P<rest>(?:/[^/\s'\"]*)*)"
+
+        def cut(m: re.Match, label: str = named[root]) -> str:
+            parts = [p for p in m.group("rest").split("/") if p]
+            if not parts:
+                return label
+            return parts[-1] + ("/" if m.group("rest").endswith("/") else "")
+
+        msg = re.sub(pattern, cut, msg)
     return msg
 
 
@@ -761,6 +889,7 @@ def build_ui(app: App):
         """Every handler error becomes a readable message in the UI (server folders cut from it, file names
         kept); the app keeps serving."""
 
+        @functools.wraps(fn)  # the handler's signature: the API names its parameters (not param_1, ...)
         def run(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
@@ -773,8 +902,6 @@ def build_ui(app: App):
             except (TypeError, RuntimeError) as e:  # e.g. an API call with a missing value
                 raise gr.Error(scrub(f"could not do that ({type(e).__name__}: {e})")) from None
 
-        run.__name__ = fn.__name__
-        run.__doc__ = fn.__doc__
         return run
 
     # uploads (possibly DICOM: PHI at rest) and outputs are deleted after an hour; a session's state after 6 h idle
@@ -860,6 +987,7 @@ def build_ui(app: App):
             )
             files.change(lambda: (-1, gr.update(visible=False)), None, [slice_index, slice_slider], api_name=False,
                          queue=False)  # fmt: skip
+
             # moved by the user (mouse or keys; not by the update above): that slice, the last one while dragging
             def explore_slice(s, f, res, lay, ban, win, sl, fg):  # one queued step, so always_last applies to it
                 return (*safe(app.explore)(s, f, res, lay, ban, win, sl, fg), sl)
@@ -952,11 +1080,11 @@ def build_ui(app: App):
                 )
                 train_metrics = gr.JSON(label="training (labelled pixels of the training images)")
 
-            def train(s, ep, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's idiom
-                return safe(app.train_head)(s, ep, progress=progress)
+            def train(s, epochs, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's idiom
+                return safe(app.train_head)(s, epochs, progress=progress)
 
-            def train_masks(s, ims, ms, names, ep, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-                return safe(app.train_from_masks)(s, ims, ms, names, ep, progress=progress)
+            def train_masks(s, images, masks, class_names, epochs, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+                return safe(app.train_from_masks)(s, images, masks, class_names, epochs, progress=progress)
 
             train_btn.click(train, [state, epochs], [state, train_pred, train_metrics], api_name="train_head")
             seg_btn.click(train_masks, [state, seg_images, seg_masks, seg_names, seg_epochs],
@@ -1050,7 +1178,12 @@ def main(argv: list[str] | None = None) -> None:
     opts, warnings = launch_options(args)
     for w in warnings:
         print(w, file=sys.stderr)
-    demo = build_ui(App(settings))
+    try:
+        app = App(settings)  # loads the backbone: a missing file or an uncached model name is a one-line error
+    except (DinoappError, ConfigError, InputError, OSError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    demo = build_ui(app)
     demo.queue(default_concurrency_limit=2).launch(**opts)
 
 

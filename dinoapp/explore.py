@@ -72,6 +72,20 @@ class LoadedImage:
         """(H, W) in pixels."""
         return int(self.array.shape[-2]), int(self.array.shape[-1])
 
+    def mask_invalid(self, labels: Any, fill: int = UNLABELLED) -> np.ndarray:
+        """A class map [H, W] of this image (a prediction, a ground-truth or scribble mask) with the
+        image's nodata pixels (``valid`` False: GeoTIFF nodata, alpha) set to ``fill`` (255, unlabelled),
+        so they are left out of label PNGs, pixel counts and metrics (:mod:`dinoapp.metrics` skips true
+        labels of 255). A copy; the map as it is when the image has no invalid pixels."""
+        lab = np.asarray(labels)
+        if lab.shape != self.size:
+            raise InputError(f"labels of shape {lab.shape} are not at this image's size {self.size}")
+        if self.valid is None or bool(np.all(self.valid)):
+            return lab
+        if lab.dtype == bool or (np.issubdtype(lab.dtype, np.integer) and np.iinfo(lab.dtype).max < fill):
+            lab = lab.astype(np.uint8 if fill <= 255 else np.int64)
+        return np.where(np.asarray(self.valid, bool), lab, np.asarray(fill).astype(lab.dtype))
+
     @property
     def nbytes(self) -> int:
         """Memory held by the pixel arrays (data, display, valid mask)."""
@@ -103,8 +117,11 @@ def open_image(
         bands: GeoTIFF only: ``None`` (all bands; ``"rgb"`` for rasters with more than 3 bands, falling
             back to bands 1, 2, 3 when no red/green/blue band can be identified), ``"rgb"``, 1-based band
             numbers or band names (see :func:`domains.read_geotiff`).
-        stretch: GeoTIFF only: ``None`` (= ``"auto"``), a :data:`domains.geotiff.STRETCHES` name, a
-            :class:`domains.BandStats`, or the path of a saved band-statistics JSON.
+        stretch: GeoTIFFs and integer images deeper than 8 bits (16-bit PNG / plain TIFF, e.g. 12-bit data):
+            ``None`` (= ``"auto"``: 8-bit data divided by 255, deeper data stretched 2-98 % per band), a
+            :data:`domains.geotiff.STRETCHES` name (``"dtype"``: divide by 65535), a
+            :class:`domains.BandStats`, or the path of a saved band-statistics JSON. 8-bit and float images
+            that are not GeoTIFFs are never stretched.
         dicom_window: DICOM only: ``None``/``"auto"`` (the file's window, else the 0.5-99.5 % range), a
             preset of :func:`window_presets`, ``"center,width"`` (e.g. ``"40,400"``) or a (center, width) pair.
         slice_index: DICOM series / multi-frame only: the slice (frame) to show; default the middle one.
@@ -121,12 +138,12 @@ def open_image(
     import domains
 
     if isinstance(path, (list, tuple)):
-        files = [Path(p) for p in path]
+        files = [Path(os.fspath(p)).expanduser() for p in path]
         if len(files) == 1:
             return open_image(files[0], bands=bands, stretch=stretch, dicom_window=dicom_window,
                               slice_index=slice_index, max_pixels=max_pixels)  # fmt: skip
         return _open_series(files, _dicom_window(dicom_window), slice_index, max_pixels)
-    p = Path(path)
+    p = Path(os.fspath(path)).expanduser()
     if p.is_dir():
         return _open_series(p, _dicom_window(dicom_window), slice_index, max_pixels)
     kind, _ = domains.reader_for(p)
@@ -134,15 +151,15 @@ def open_image(
         return _open_geotiff(p, bands, stretch, max_pixels)
     if kind == "dicom":
         return _open_dicom(p, _dicom_window(dicom_window), slice_index, max_pixels)
-    return _open_plain(p, max_pixels)
+    return _open_plain(p, stretch, max_pixels)
 
 
-def _open_plain(p: Path, max_pixels: int | None) -> LoadedImage:
+def _open_plain(p: Path, stretch, max_pixels: int | None) -> LoadedImage:
     import domains
 
     _check_pixels(p.name, _image_size(p), max_pixels, "image")
-    with _collect_warnings(p) as notes:
-        arr, meta = domains.load(p)
+    with _collect_warnings(p) as notes:  # 16-bit data stretched like a uint16 GeoTIFF (8-bit left as it is)
+        arr, meta = domains.load(p, stretch="auto" if stretch is None else stretch)
     return _loaded(p.name, arr, meta, "image", notes)
 
 
@@ -906,6 +923,10 @@ def predict(head: heads.SegHead, view: FeatureView) -> tuple[np.ndarray, np.ndar
     """Apply a segmentation head to a view's stored features -> (labels uint8 [H, W], probabilities float32
     [K, H, W]) at the image's size (patch logits upsampled bilinearly, then softmax).
 
+    The image's nodata pixels (``view.image.valid`` False) are labelled :data:`UNLABELLED` (255; 65535 for
+    heads of more than 255 classes), so label PNGs, pixel counts and metrics leave them out; mask a
+    ground truth the same way with ``view.image.mask_invalid(truth)``. The probabilities are not masked.
+
     Raises :class:`dinoapp.HeadBackboneMismatchError` for a head of another backbone and
     :class:`InputError` for a head of another block (layer) or an image classifier.
     """
@@ -924,6 +945,7 @@ def predict(head: heads.SegHead, view: FeatureView) -> tuple[np.ndarray, np.ndar
     up = heads.upsample_logits(logits, view.image.size, policy="resize")  # [1, K, H, W]
     probs = up[0].softmax(0)  # [K, H, W]
     labels = probs.argmax(0).numpy().astype(np.uint8 if head.n_classes <= 255 else np.uint16)
+    labels = view.image.mask_invalid(labels, UNLABELLED if head.n_classes <= 255 else 65535)  # nodata: unlabelled
     return labels, probs.numpy().astype(np.float32, copy=False)
 
 
@@ -1021,7 +1043,7 @@ def export_png(rgb_or_labels: Any, path: str | os.PathLike) -> Path:
             or (a.dtype == np.uint16 and a.ndim == 3) or a.size == 0:  # fmt: skip
         raise InputError(f"export_png takes uint8 [H, W], [H, W, 3] or [H, W, 4], uint16 [H, W] or bool [H, W]; "
                          f"got {a.dtype} of shape {a.shape} (colour floats with viz.colorize first)")  # fmt: skip
-    p = Path(path)
+    p = Path(os.fspath(path)).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(a)).save(p, format="PNG")  # uint16 [H, W] -> 16-bit grey ("I;16")
     return p
@@ -1037,6 +1059,17 @@ def _channels_first(a: np.ndarray) -> np.ndarray:
     if (a.dtype == np.uint8 and a.shape[-1] in (3, 4)) or (a.shape[-1] == 3 and a.shape[0] > 3):
         return np.moveaxis(a[..., :3], -1, 0)
     return a
+
+
+def _grid_of(H: int, W: int, h: int, w: int) -> bool:
+    """Whether an h x w grid is one that resizing an H x W image (aspect kept, each side rounded to whole
+    patches, at least one) gives for some scale: ``h = max(1, round(H t))`` and ``w = max(1, round(W t))``
+    for one t. Long strips give grids whose cells are far from square (40 x 2400 -> 1 x 28)."""
+    def span(n: int, N: int) -> tuple[float, float]:
+        return (0.0 if n == 1 else (n - 0.5) / N), (n + 0.5) / N
+
+    (a0, a1), (b0, b1) = span(h, H), span(w, W)
+    return h >= 1 and w >= 1 and max(a0, b0) <= min(a1, b1) * (1 + 1e-9)
 
 
 def export_geotiff(values: Any, image: LoadedImage, path: str | os.PathLike, *, kind: str = "map",
@@ -1064,7 +1097,7 @@ def export_geotiff(values: Any, image: LoadedImage, path: str | os.PathLike, *, 
     H, W = (int(v) for v in image.geo["shape"][-2:])
     h, w = a.shape[-2:]
     sx, sy = W / w, H / h
-    if not 0.5 <= sx / sy <= 2.0:
+    if not (0.5 <= sx / sy <= 2.0 or _grid_of(H, W, h, w)):
         raise InputError(f"values of {h} x {w} do not cover the {H} x {W} image evenly (source pixels per output "
                          f"pixel {sy:.2f} x {sx:.2f}): were they computed from this image?")  # fmt: skip
     nodata = None
@@ -1074,8 +1107,9 @@ def export_geotiff(values: Any, image: LoadedImage, path: str | os.PathLike, *, 
             raise InputError(f"kind='labels' takes an integer class map [H, W], got {a.dtype} of shape {a.shape}")
         gkind = "classes"
         if invalid is not None and invalid.any():  # the raster's nodata pixels stay nodata
-            if a.size and int(a.max()) >= UNLABELLED:
-                raise InputError(f"labels up to {int(a.max())} leave no value for the raster's nodata pixels (255)")
+            top = int(a[:, ~invalid].max()) if (~invalid).any() else 0  # nodata pixels may already be 255
+            if top >= UNLABELLED:
+                raise InputError(f"labels up to {top} leave no value for the raster's nodata pixels (255)")
             a, nodata = np.where(invalid[None], UNLABELLED, a), UNLABELLED
     else:
         gkind = "rgb" if a.shape[0] == 3 and a.dtype == np.uint8 else "float"

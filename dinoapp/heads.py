@@ -254,9 +254,11 @@ class LogisticClassifier:
 
     scikit-learn's ``LogisticRegression`` (lbfgs, L2) after a ``StandardScaler``; every C of
     ``Cs`` (a log grid, DINOv3's linear protocol sweeps one) is scored by accuracy over ``cv``
-    stratified folds and the best refitted on everything. Classes with fewer samples than folds
-    are handled: the fold count drops to the smallest class size (>= 2), and classes with a single
-    sample are always in the training part. ``C_`` and ``cv_scores_`` say what was chosen.
+    stratified folds, ties (common with a few images per class, where every C classifies the
+    held-out images right) broken by the lower held-out log-loss, and the best refitted on everything.
+    Classes with fewer samples than folds are handled: the fold count drops to the smallest class size
+    (>= 2), and classes with a single sample are always in the training part. ``C_`` and ``cv_scores_``
+    say what was chosen.
     Predictions are computed from the stored arrays, so a saved and loaded head gives the same numbers.
     """
 
@@ -314,6 +316,7 @@ class LogisticClassifier:
             return 1.0, {}
         folds = ms.StratifiedKFold(n_splits=min(self.cv, int(sizes.min())), shuffle=True, random_state=self.seed)
         scores: dict[float, list[float]] = {c: [] for c in self.Cs}
+        losses: dict[float, list[float]] = {c: [] for c in self.Cs}
         for tr, va in folds.split(idx_s, yi[idx_s]):
             tr_idx, va_idx = np.concatenate([idx_s[tr], always]), idx_s[va]
             if len(np.unique(yi[tr_idx])) < 2:
@@ -323,10 +326,17 @@ class LogisticClassifier:
                 model.set_params(C=c)
                 model.fit(Xs[tr_idx], yi[tr_idx])
                 scores[c].append(float(np.mean(model.predict(Xs[va_idx]) == yi[va_idx])))
+                proba = model.predict_proba(Xs[va_idx])  # [n_va, classes seen in training]
+                col = {k: j for j, k in enumerate(model.classes_)}
+                p_true = np.array([proba[i, col[k]] if k in col else 0.0 for i, k in enumerate(yi[va_idx])])
+                losses[c].append(float(-np.mean(np.log(np.clip(p_true, 1e-15, 1.0)))))
         mean = {c: float(np.mean(s)) for c, s in scores.items() if s}
         if not mean:
             return 1.0, {}
-        best = max(sorted(mean), key=lambda c: mean[c])  # ties: the smallest C (strongest regularisation)
+        loss = {c: float(np.mean(losses[c])) for c in mean}
+        # accuracy first; ties (a few images per class: every C is right) by the held-out log-loss, which
+        # the over-regularised smallest C (near-uniform probabilities) loses; then the smaller C
+        best = max(sorted(mean), key=lambda c: (mean[c], -round(loss[c], 9)))
         return best, mean
 
     def decision_function(self, X: Any) -> np.ndarray:

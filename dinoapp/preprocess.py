@@ -104,7 +104,8 @@ def target_size(h: int, w: int, size: int | Sequence[int] | None, policy: str, p
     if th % patch or tw % patch or th <= 0 or tw <= 0:
         raise ConfigError(f"size {th}x{tw} must be positive multiples of the patch size {patch}")
     if policy == "pad" and (th < h or tw < w):
-        raise InputError(f"image {h}x{w} does not fit in {th}x{tw} without resizing: use policy='resize'")
+        raise InputError(f"image {h}x{w} does not fit in {th}x{tw} without resizing: use policy='resize', or "
+                         f"size=None to pad to the next multiple of the patch size ({patch})")
     return th, tw
 
 
@@ -147,7 +148,7 @@ def preprocess(
         x = to_tensor_batch(image, value_range)
     else:
         x = to_tensor(image, channels_first=channels_first, value_range=value_range).unsqueeze(0)
-    x = _match_channels(x, want_c)  # [B, C, H, W]
+    x = _match_channels(x, want_c, _layout(image, channels_first))  # [B, C, H, W]
     h, w = x.shape[-2:]
     th, tw = target_size(h, w, size, policy, patch)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
@@ -174,16 +175,36 @@ def to_tensor_batch(batch: torch.Tensor, value_range=None) -> torch.Tensor:
     return batch.to(torch.float32) / float(torch.iinfo(batch.dtype).max)
 
 
-def _match_channels(x: torch.Tensor, want: int) -> torch.Tensor:
+def _layout(image: Any, channels_first: bool | None) -> str:
+    """How ``image`` holds its channels, as :func:`to_tensor` reads it: ``"batch"`` ([B, C, H, W] tensor),
+    ``"first"`` ([C, H, W], e.g. from ``domains.load``) or ``"last"`` ([H, W, C], PIL)."""
+    if isinstance(image, torch.Tensor) and image.ndim == 4:
+        return "batch"
+    if hasattr(image, "mode") and hasattr(image, "convert"):
+        return "last"
+    shape = tuple(getattr(image, "shape", ()))
+    if len(shape) != 3:
+        return "last"
+    if channels_first is None:
+        channels_first = shape[0] <= 16 and shape[-1] > 16
+    return "first" if channels_first else "last"
+
+
+def _match_channels(x: torch.Tensor, want: int, layout: str = "last") -> torch.Tensor:
     c = x.shape[1]
     if c == want:
         return x
     if c == 1:
         return x.expand(-1, want, -1, -1)
     if c == 4 and want == 3:
+        if layout == "last":
+            pick = "image[..., :3]"
+        else:
+            pick = "image[:, :3]" if layout == "batch" else (
+                "image[:3]; for a file read with domains.load, pass bands=[1, 2, 3] or bands=\"rgb\"")
         raise InputError(
-            "the image has 4 channels and the backbone 3: drop the alpha band, choose 3 bands "
-            "(e.g. image[..., :3]) or load the backbone with in_chans=4"
+            f"the image has 4 channels and the backbone 3: drop the alpha band, choose 3 bands "
+            f"(e.g. {pick}) or load the backbone with in_chans=4"
         )
     raise InputError(
         f"the image has {c} channels and the backbone takes {want}: select bands, or load the backbone with "

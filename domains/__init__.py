@@ -8,6 +8,7 @@ Read the modules in this order: ``errors``, ``sniff``, ``load`` (the dispatcher)
 ``geotiff`` (+ ``stats``, ``tiling``, ``geowrite``, ``indices``), ``dicom`` (+ ``series``, ``phi``), ``datasets``.
 """
 
+from . import samples  # pathlib only (0.5 ms): domains.samples.path(...) after `import domains`
 from .datasets import FileError, FolderDataset, find_files
 from .dicom import WINDOW_PRESETS, read_dicom, read_dicom_frames
 from .errors import (
@@ -48,5 +49,5 @@ __all__ = [
     "raster_info", "read_geotiff", "read_image", "reader_for", "resolve_bands", "scaled_transform", "sniff",
     "tile_grid", "write_geotiff", "WindowError", "FrameIndexError", "WINDOW_PRESETS", "read_dicom",
     "read_dicom_frames", "deidentify", "safe_meta", "SeriesInfo", "find_series", "read_series", "ndvi",
-    "write_tiles",
+    "write_tiles", "samples",
 ]

@@ -43,7 +43,7 @@ def find_files(root: str | os.PathLike, *, recursive: bool = True, sniff_unknown
     content is recognised (DICOM files often have no extension). Hidden files and sidecars are skipped."""
     from .sniff import sniff
 
-    base = Path(root)
+    base = Path(os.fspath(root)).expanduser()
     if not base.exists():
         raise MissingFileError(f"{base}: no such folder")
     if base.is_file():
@@ -99,7 +99,7 @@ class FolderDataset:
         if isinstance(root, str | os.PathLike):
             self.files = find_files(root, recursive=recursive)
         else:
-            self.files = [Path(p) for p in root]
+            self.files = [Path(os.fspath(p)).expanduser() for p in root]
         if not self.files:
             raise MissingFileError(f"no image, GeoTIFF or DICOM files found under {root}")
         self.window = _window_size(window)

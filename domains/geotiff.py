@@ -276,13 +276,7 @@ def read_geotiff(
         tag_b = np.asarray(offsets if has_tags else [0.0] * len(idx), np.float64)
         A, B, clip, info, vr = _linear_map(raw, valid, method, dtype, tag_a, tag_b, has_tags, stats, percentiles,
                                            dn_scale, name)
-        # one fused pass: float32 = A * raw + B (per band), then clip; no intermediate copies
-        arr = np.empty(raw.shape, np.float32)  # [C, H, W]
-        np.multiply(raw, A.astype(np.float32)[:, None, None], out=arr, casting="unsafe")
-        if B.any():
-            arr += B.astype(np.float32)[:, None, None]
-        if clip:
-            np.clip(arr, 0.0, 1.0, out=arr)
+        arr = _apply_map(raw, A, B, clip)  # [C, H, W]
         if not valid.all():
             arr[:, ~valid] = fill
         from affine import Affine
@@ -396,6 +390,53 @@ def _valid_mask(src, idx, data: np.ndarray, win, out_shape) -> np.ndarray:
     if data.dtype.kind == "f":
         valid &= np.isfinite(data).all(axis=0)
     return valid
+
+
+def _apply_map(raw: np.ndarray, A: np.ndarray, B: np.ndarray, clip: bool) -> np.ndarray:
+    """float32 ``A * raw + B`` per band ([C] each), then clipped to [0, 1] when ``clip``: one fused pass, no
+    intermediate copies. Shared with :mod:`domains.image` so a 16-bit PNG is stretched exactly like a GeoTIFF."""
+    arr = np.empty(raw.shape, np.float32)  # [C, H, W]
+    np.multiply(raw, A.astype(np.float32)[:, None, None], out=arr, casting="unsafe")
+    if B.any():
+        arr += B.astype(np.float32)[:, None, None]
+    if clip:
+        np.clip(arr, 0.0, 1.0, out=arr)
+    return arr
+
+
+def stretch_integer(raw: np.ndarray, valid: np.ndarray | None, stretch: Any = "auto", *,
+                    percentiles: tuple[float, float] = (2.0, 98.0), name: str = "") -> tuple[np.ndarray, dict]:
+    """An integer array [C, H, W] (e.g. a 12-bit image stored as 16-bit) -> (float32 [C, H, W], info),
+    scaled per band exactly as :func:`read_geotiff` scales a raster of that type without scale tags:
+    ``stretch`` is a :data:`STRETCHES` name (``"auto"``: ``"dtype"`` for uint8, ``"percentile"`` otherwise),
+    a :class:`~domains.stats.BandStats` or its JSON path (one low/high per band). ``valid``: bool [H, W]
+    pixels the percentiles are computed on (None = all); invalid pixels are set to 0."""
+    from .stats import BandStats
+
+    dtype = np.dtype(raw.dtype)
+    if dtype.kind not in "ui":
+        raise OptionValueError(f"stretch_integer takes an integer array, got {dtype}")
+    stats = None
+    if isinstance(stretch, BandStats) or (isinstance(stretch, (str, os.PathLike))
+                                          and str(stretch).lower().endswith(".json")):  # fmt: skip
+        stats = stretch if isinstance(stretch, BandStats) else BandStats.load(stretch)
+        if len(stats.low) != raw.shape[0]:
+            raise BandSelectionError(f"{name}: the stats describe {len(stats.low)} bands {stats.bands}, "
+                                     f"the image has {raw.shape[0]}")  # fmt: skip
+        method = "stats"
+    elif not isinstance(stretch, str) or stretch not in STRETCHES:
+        raise OptionValueError(f"stretch must be one of {STRETCHES}, a BandStats or its JSON path, got {stretch!r}")
+    else:
+        method = stretch if stretch != "auto" else ("dtype" if dtype == np.uint8 else "percentile")
+    if valid is None:
+        valid = np.ones(raw.shape[1:], bool)
+    C = raw.shape[0]
+    A, B, clip, info, _ = _linear_map(raw, valid, method, dtype, np.ones(C), np.zeros(C), False, stats,
+                                      percentiles, 10000.0, name)  # fmt: skip
+    arr = _apply_map(raw, A, B, clip)
+    if not valid.all():
+        arr[:, ~valid] = 0.0
+    return arr, info
 
 
 def _linear_map(raw, valid, method, dtype, tag_a, tag_b, has_tags, stats, percentiles, dn_scale, name):

@@ -162,7 +162,7 @@ def write_geotiff(
     if kind == "rgb":
         profile["photometric"] = "RGB"
         profile["interleave"] = "pixel"
-    p = Path(path)
+    p = Path(os.fspath(path)).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp")
     try:

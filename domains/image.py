@@ -1,6 +1,8 @@
 """Ordinary images (PNG, JPEG, GIF, BMP, WebP, plain 8/16-bit TIFF) -> float32 [C, H, W] in [0, 1].
 
-Integer images are divided by their bit depth's maximum (255 or 65535), so values are in [0, 1];
+Integer images are divided by their bit depth's maximum (255 or 65535), so values are in [0, 1]
+(``stretch="dtype"``, the default; 16-bit images can be stretched like GeoTIFFs instead with ``stretch=``,
+e.g. ``"auto"``: 2-98 % per band, for 12-bit data stored in 16 bits, which /65535 leaves almost black);
 float TIFFs are returned as stored (``value_range`` None). The EXIF orientation is applied (a phone
 photo comes out upright), palette images become RGB, and an alpha channel becomes the valid-pixel
 mask ``meta["valid"]`` (alpha > 0) instead of a fourth channel.
@@ -26,8 +28,13 @@ _GREY = ["grey"]
 _RGB = ["R", "G", "B"]
 
 
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+def read_image(path: str | os.PathLike, *, stretch: Any = "dtype") -> tuple[np.ndarray, dict[str, Any]]:
     """Read an ordinary image as ``(float32 [C, H, W], meta)``; C is 1 (grey) or 3 (RGB).
+
+    ``stretch``: how integer images deeper than 8 bits are scaled, as :func:`~domains.geotiff.read_geotiff`
+    scales a raster of that type (see :func:`~domains.geotiff.stretch_integer`): ``"dtype"`` (default,
+    divide by 65535), ``"auto"`` / ``"percentile"`` (2-98 % per band), ``"none"``, ``"reflectance"``, a
+    :class:`~domains.stats.BandStats` or its JSON path. 8-bit and float images are never stretched.
 
     ``meta``: ``format``, ``path``, ``shape``, ``value_range`` ((0, 1), or None for float data),
     ``channels``, ``bit_depth``, ``mode`` (PIL's), ``n_frames`` (first frame is read), ``valid``
@@ -42,22 +49,22 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
             n_frames = getattr(img, "n_frames", 1)
             partial = _pil_reads_part(img, p, fmt)
             if partial:
-                out = _read_with_gdal(p, partial, fmt)
+                out = _read_with_gdal(p, partial, fmt, stretch)
                 if out is not None:
                     return out
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _from_pil(img, p, fmt, n_frames)
+            return _from_pil(img, p, fmt, n_frames, stretch)
     except Image.DecompressionBombError as err:
         if has_tiff_magic(p):
-            return _read_tiff_with_rasterio(p, err)
+            return _read_tiff_with_rasterio(p, err, stretch)
         raise UnreadableFileError(
             f"{p.name}: {err} Pillow refuses images this large by default; if you trust the file, raise the "
             "limit (PIL.Image.MAX_IMAGE_PIXELS = None) or convert it to a tiled GeoTIFF"
         ) from err
     except UnidentifiedImageError as err:
         if has_tiff_magic(p):
-            return _read_tiff_with_rasterio(p, err)
+            return _read_tiff_with_rasterio(p, err, stretch)
         fmt = sniff(p)  # UnsupportedFormatError for content that is no image at all
         if fmt == "dicom":
             raise UnsupportedFormatError(f"{p.name} is a DICOM file; read it with domains.load or read_dicom") from err
@@ -68,11 +75,11 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         if isinstance(err, UnsupportedFormatError | UnreadableFileError):
             raise
         if has_tiff_magic(p) and "truncated" not in str(err):
-            return _read_tiff_with_rasterio(p, err)
+            return _read_tiff_with_rasterio(p, err, stretch)
         raise UnreadableFileError(f"{p.name}: the image data is damaged or cut short ({err})") from err
 
 
-def _from_pil(img, p: Path, fmt: str, n_frames: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _from_pil(img, p: Path, fmt: str, n_frames: int, stretch: Any = "dtype") -> tuple[np.ndarray, dict[str, Any]]:
     mode = img.mode
     valid = None
     if mode == "P":
@@ -90,11 +97,13 @@ def _from_pil(img, p: Path, fmt: str, n_frames: int) -> tuple[np.ndarray, dict[s
     if m in ("L", "RGB"):
         arr, depth, vr = np.asarray(img, dtype=np.float32) / 255.0, 8, (0.0, 1.0)
     elif m.startswith("I;16"):
-        arr, depth, vr = np.asarray(img).astype(np.float32) / 65535.0, 16, (0.0, 1.0)
+        raw16 = np.asarray(img)
+        arr, depth, vr = raw16.astype(np.float32) / 65535.0, 16, (0.0, 1.0)
     elif m == "I":
         raw = np.asarray(img)
         if fmt == "png" or (raw.size and raw.min() >= 0 and raw.max() <= 65535):
             # PIL opens 16-bit grey PNG (and 16-bit TIFF in some versions) as 32-bit "I".
+            raw16 = raw.astype(np.uint16)
             arr, depth, vr = raw.astype(np.float32) / 65535.0, 16, (0.0, 1.0)
         else:
             arr, depth, vr = raw.astype(np.float32), 32, None
@@ -103,6 +112,10 @@ def _from_pil(img, p: Path, fmt: str, n_frames: int) -> tuple[np.ndarray, dict[s
     else:  # pragma: no cover - every PIL mode is converted above
         raise UnsupportedFormatError(f"{p.name}: PIL image mode {m!r} is not supported")
     arr = arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))  # [C, H, W]
+    info = None
+    if depth == 16 and stretch != "dtype":  # 16-bit grey: stretched as a uint16 GeoTIFF would be
+        arr, info = _stretch16(raw16.astype(np.uint16, copy=False)[None], valid, stretch, p.name)
+        vr = None if info["method"] in ("none", "reflectance") else (0.0, 1.0)
     if vr is None and not np.isfinite(arr).all():
         bad = ~np.isfinite(arr).all(axis=0)
         valid = ~bad if valid is None else valid & ~bad
@@ -117,9 +130,17 @@ def _from_pil(img, p: Path, fmt: str, n_frames: int) -> tuple[np.ndarray, dict[s
         "mode": mode,
         "n_frames": n_frames,
     }
+    if info is not None:
+        meta["stretch"] = info
     if valid is not None:
         meta["valid"] = valid
     return arr, meta
+
+
+def _stretch16(raw: np.ndarray, valid, stretch: Any, name: str) -> tuple[np.ndarray, dict]:
+    from .geotiff import stretch_integer
+
+    return stretch_integer(raw, valid, stretch, name=name)
 
 
 def _pil_reads_part(img, p: Path, fmt: str) -> str:
@@ -140,7 +161,7 @@ def _pil_reads_part(img, p: Path, fmt: str) -> str:
     return ""
 
 
-def _read_with_gdal(p: Path, why: str, fmt: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+def _read_with_gdal(p: Path, why: str, fmt: str, stretch: Any = "dtype") -> tuple[np.ndarray, dict[str, Any]] | None:
     """Read ``p`` through GDAL (all samples, full bit depth); None (after a DomainWarning) without rasterio."""
     try:
         import rasterio  # noqa: F401
@@ -152,12 +173,13 @@ def _read_with_gdal(p: Path, why: str, fmt: str) -> tuple[np.ndarray, dict[str, 
             stacklevel=3,
         )
         return None
-    arr, meta = _read_tiff_with_rasterio(p, ValueError(why))
+    arr, meta = _read_tiff_with_rasterio(p, ValueError(why), stretch)
     meta["format"] = fmt
     return arr, meta
 
 
-def _read_tiff_with_rasterio(p: Path, pil_error: Exception) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_tiff_with_rasterio(p: Path, pil_error: Exception,
+                             stretch: Any = "dtype") -> tuple[np.ndarray, dict[str, Any]]:
     """TIFFs Pillow cannot decode (16-bit RGB, 3+ bands, odd compressions) go through GDAL when installed."""
     try:
         from rasterio.errors import NotGeoreferencedWarning
@@ -171,6 +193,11 @@ def _read_tiff_with_rasterio(p: Path, pil_error: Exception) -> tuple[np.ndarray,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         arr, meta = read_geotiff(p, stretch="dtype")  # GDAL failures come back as typed errors
+        if stretch != "dtype" and meta["dtype"] not in ("uint8", "int8") and np.dtype(meta["dtype"]).kind in "ui":
+            raw, _ = read_geotiff(p, stretch="none")  # the stored integers (exact in float32 up to 2^24)
+            arr, meta["stretch"] = _stretch16(raw.astype(meta["dtype"]), meta["valid"], stretch, p.name)
+            if meta["stretch"]["method"] in ("none", "reflectance"):
+                meta["value_range"] = None
     meta["format"] = "tiff"
     if meta["dtype"] in ("uint8", "uint16"):
         meta["bit_depth"] = 8 * np.dtype(meta["dtype"]).itemsize

@@ -29,9 +29,14 @@ _MAGIC: list[tuple[int, bytes, str]] = [
 _DICOM_NO_PREAMBLE_GROUPS = {0x0002, 0x0008}
 
 
+def user_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path with ``~`` / ``~user`` expanded (every public function taking a path uses it)."""
+    return Path(os.fspath(path)).expanduser()
+
+
 def check_file(path: str | os.PathLike) -> Path:
-    """Return ``path`` as a Path, or raise the typed error for a missing, empty or unreadable file."""
-    p = Path(path)
+    """Return ``path`` as a Path (``~`` expanded), or raise the typed error for a missing, empty or unreadable file."""
+    p = user_path(path)
     if not p.exists():
         raise MissingFileError(f"{p}: no such file")
     if p.is_dir():

@@ -83,7 +83,7 @@ class BandStats:
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> Path:
-        p = Path(path)
+        p = Path(os.fspath(path)).expanduser()
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(p.suffix + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2))
@@ -92,7 +92,7 @@ class BandStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BandStats:
-        p = Path(path)
+        p = Path(os.fspath(path)).expanduser()
         try:
             return cls.from_dict(json.loads(p.read_text()))
         except FileNotFoundError as err:
@@ -107,7 +107,7 @@ class BandStats:
 
 def find_rasters(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Raster files (by extension) under ``folder``, sorted; hidden files skipped."""
-    root = Path(folder)
+    root = Path(os.fspath(folder)).expanduser()
     it = root.rglob("*") if recursive else root.glob("*")
     return sorted(
         p for p in it if p.is_file() and p.suffix.lower() in RASTER_EXTENSIONS and not p.name.startswith(".")

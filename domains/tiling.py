@@ -227,7 +227,8 @@ def write_tiles(
         dtype = np.uint8 if top <= 255 else np.uint16
         ignore = 255 if dtype == np.uint8 else 65535
         lab = lab.astype(dtype, copy=False)
-    out, ldir = Path(out_dir), None if labels_dir is None else Path(labels_dir)
+    out = Path(os.fspath(out_dir)).expanduser()
+    ldir = None if labels_dir is None else Path(os.fspath(labels_dir)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     if lab is not None:
         ldir.mkdir(parents=True, exist_ok=True)

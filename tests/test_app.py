@@ -324,7 +324,8 @@ def test_errors_shown_to_visitors_name_files_not_server_folders(weights, tmp_pat
 def test_a_session_over_its_memory_limit_is_refused_and_kept_as_it_was(weights, tmp_path):
     app = A.App(A.Settings(weights=str(weights), session_mb=1))
     png, _ = two_regions(tmp_path / "a.png", w=600, h=400, split=300)  # 400x600 float32 x3 + rgb: > 1 MB
-    with pytest.raises(InputError, match="over this app's limit of 1 MB per session.*--session-mb"):
+    # how much the image needs against what is left in the session, and what to do
+    with pytest.raises(InputError, match=r"needs about 3\.7 MB .* 1\.0 MB left of its 1 MB.*resolution.*--session-mb"):
         app.explore(None, [str(png)], resolution=128)
     s = A.Session()
     small, _ = two_regions(tmp_path / "s.png", w=32, h=32, split=16)
@@ -475,3 +476,198 @@ def test_a_series_uploaded_with_other_images_is_one_volume_among_them(the_app, t
     s, _, _, _, info = the_app.explore(None, [str(png), *paths, one[0], two[0]], resolution=48)
     assert [(im.kind, im.n_slices) for im in s.images] == [("image", 1), ("dicom", 4), ("dicom", 1), ("dicom", 1)]
     assert str(tmp_path) not in str([im.meta for im in s.images])
+
+
+# --- review findings: heads keep their read settings and backbone, paths scrubbed, clear messages ---------
+def _band_scene(path: Path) -> Path:
+    """4 bands: 1-3 smooth noise, band 4 dark on the left half and bright on the right (only it separates them)."""
+    from tests.geo_factory import make_geotiff, smooth_bands
+
+    data = smooth_bands(4, 96, 128)
+    data[3] = np.where(np.arange(128)[None, :] < 64, 300, 3500).astype(data.dtype) + data[3] // 20
+    return make_geotiff(path, data)
+
+
+def test_a_head_reads_new_images_with_the_bands_it_was_trained_with(the_app, tmp_path):
+    pytest.importorskip("rasterio")
+    from PIL import Image
+
+    from dinoapp import heads
+
+    tif = _band_scene(tmp_path / "scene.tif")
+    s, *_ = the_app.explore(None, [str(tif)], resolution=128, bands="4,3,2")
+    s, msg = the_app.add_scribbles(s, str(tif), strokes(96, 128, 64), "dark, bright")
+    s, _, _ = the_app.train_head(s, epochs=40)
+    s, _, before, files = the_app.predict(s, str(tif))
+    assert "bands 4,3,2" in before["read_with"]
+    mask = np.asarray(Image.open(files[0]))
+    s, *_ = the_app.explore(s, [str(tif)], resolution=128, bands="1,2,3")  # the explorer moves on: the head does not
+    s, _, after, files = the_app.predict(s, str(tif))
+    assert after == before and np.array_equal(np.asarray(Image.open(files[0])), mask)
+    s, head_file = the_app.save_head(s)
+    s2, *_ = the_app.explore(None, [str(tif)], resolution=128, bands="1,2,3")  # a fresh session, other bands
+    s2, msg = the_app.load_head(s2, head_file)
+    assert "bands 4,3,2" in msg
+    s2, _, loaded, files = the_app.predict(s2, str(tif))
+    assert loaded == before and np.array_equal(np.asarray(Image.open(files[0])), mask)
+    # an older head file without read settings: the session's settings, said so
+    import copy
+
+    old = copy.deepcopy(s.head)
+    old.preprocessing = {k: v for k, v in old.preprocessing.items() if k != "read"}
+    heads.save_head(old, tmp_path / "old_head.safetensors")
+    s3, msg = the_app.load_head(s2, str(tmp_path / "old_head.safetensors"))
+    assert "does not record the bands" in msg
+    _, _, m, _ = the_app.predict(s3, str(tif))
+    assert "bands 1,2,3" in m["read_with"] and "explore settings" in m["read_with"]
+
+
+def test_nodata_pixels_are_neither_trained_predicted_nor_scored(the_app, tmp_path):
+    pytest.importorskip("rasterio")
+    import rasterio
+    from PIL import Image
+
+    from tests.geo_factory import make_geotiff, smooth_bands
+
+    data = smooth_bands(3, 96, 128)
+    data[:, :, 64:] += 2000  # right half brighter
+    data[:, :, 120:] = 0  # a nodata strip on the right edge, under the "bright" stroke's end
+    tif = make_geotiff(tmp_path / "nd.tif", data, nodata=0)
+    valid = np.ones((96, 128), bool)
+    valid[:, 120:] = False
+    s, *_ = the_app.explore(None, [str(tif)], resolution=128)
+    s, _ = the_app.add_scribbles(s, str(tif), strokes(96, 128, 64), "dark, bright")
+    s, _, train = the_app.train_head(s, epochs=30)
+    truth = np.where(np.arange(128)[None, :] < 64, 0, 1).repeat(96, 0).astype(np.uint8)  # nodata labelled too
+    Image.fromarray(truth).save(tmp_path / "truth.png")
+    s, _, m, files = the_app.predict(s, str(tif), str(tmp_path / "truth.png"))
+    assert sum(m["pixels"].values()) == int(valid.sum())  # the strip is no class
+    png = np.asarray(Image.open(next(f for f in files if f.endswith(".png"))))
+    assert (png[~valid] == 255).all() and (png[valid] < 2).all()
+    with rasterio.open(next(f for f in files if f.endswith(".tif"))) as src:
+        assert src.nodata == 255 and (src.read(1)[~valid] == 255).all()
+    assert m["miou"] > 0.9  # scored on the valid pixels only
+
+
+def test_a_dicom_head_keeps_its_window(the_app, tmp_path):
+    pytest.importorskip("pydicom")
+    from tests.dicom_factory import make_series
+
+    paths, _, _ = make_series(tmp_path / "series", n=1, rows=48, cols=48)
+    s, *_ = the_app.explore(None, paths, resolution=48, window="lung")
+    layer = np.zeros((48, 48, 4), np.uint8)
+    layer[5:10, 5:20] = (*A.CLASS_COLORS[0], 255)
+    layer[35:40, 25:45] = (*A.CLASS_COLORS[1], 255)
+    s, _ = the_app.add_scribbles(s, paths[0], {"background": None, "layers": [layer], "composite": layer}, "a, b")
+    s, _, _ = the_app.train_head(s, epochs=10)
+    s, _, before, _ = the_app.predict(s, paths[0])
+    assert "DICOM window lung" in before["read_with"]
+    s, *_ = the_app.explore(s, paths, resolution=48, window="bone")
+    _, _, after, _ = the_app.predict(s, paths[0])
+    assert after == before
+
+
+def test_heads_on_the_demo_backbone_name_its_file_not_its_install_path(the_app, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from dinoapp.demo import DEMO_WEIGHTS
+
+    demo = A.App(A.Settings(weights="demo"))
+    png, _ = two_regions(tmp_path / "a.png")
+    s, *_ = demo.explore(None, [str(png)], resolution=64)
+    s, _ = demo.add_scribbles(s, str(png), strokes(96, 128, 64), "red, blue")
+    s, _, _ = demo.train_head(s, epochs=5)
+    _, path = demo.save_head(s)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()["dinoapp"]
+    assert json.loads(meta)["backbone"]["source"] == DEMO_WEIGHTS.name and str(DEMO_WEIGHTS.parent) not in meta
+    with pytest.raises(Exception, match="trained on features of") as e:  # another backbone: the error names files
+        the_app.load_head(None, path)
+    assert DEMO_WEIGHTS.name in str(e.value) and str(DEMO_WEIGHTS.parent) not in str(e.value)
+
+
+def test_a_head_is_saved_with_its_own_backbone_after_backbone_a_changed(the_app, weights, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    png, truth = two_regions(tmp_path / "a.png")
+    s, _ = the_app.add_scribbles(None, str(png), strokes(96, 128, 64), "red, blue")
+    s, _, _ = the_app.train_head(s, epochs=20)
+    s, _ = the_app.load_backbone(s, str(weights.parent / "other.safetensors"), "A")
+    s, path = the_app.save_head(s)
+    with safe_open(path, "pt") as f:
+        assert json.loads(f.metadata()["dinoapp"])["backbone"]["source"] == "tiny.safetensors"
+    s2, _ = the_app.load_head(None, path)  # a fresh session on tiny.safetensors takes it
+    _, _, m, _ = the_app.predict(s2, str(png), str(_save_mask(truth, tmp_path / "gt.png")))
+    assert m["miou"] >= 0.8
+
+
+def test_duplicate_class_names_are_refused(the_app, tmp_path):
+    png, truth = two_regions(tmp_path / "a.png")
+    with pytest.raises(InputError, match="'a' and 'A' are the same"):
+        the_app.add_scribbles(None, str(png), strokes(96, 128, 64), "a,  A ")
+    mask = _save_mask(truth, tmp_path / "a_mask.png")
+    with pytest.raises(InputError, match="are the same"):
+        the_app.train_from_masks(None, [str(png)], [str(mask)], "red, red", 10)
+
+
+def test_scrub_paths_cuts_whole_folders_only():
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    s = A.Settings(allowed_dir=Path("/var/tmp/rv_allowed"))
+    msg = "/etc/passwd is outside the allowed folder /var/tmp/rv_allowed"
+    assert A.scrub_paths(msg, s) == "/etc/passwd is outside the allowed folder <allowed folder>"
+    assert A.scrub_paths("/var/tmp/rv_allowed/a/b.png: bad", s) == "b.png: bad"
+    assert A.scrub_paths("see /tmpfoo/x.png and /var/tmpx", s) == "see /tmpfoo/x.png and /var/tmpx"
+    hosp = A.Settings(allowed_dir=Path("/srv/hospital/data"))
+    assert A.scrub_paths("/srv/hospital/data", hosp) == "<allowed folder>"
+    assert A.scrub_paths("no such file under /srv/hospital/data.", hosp) == "no such file under <allowed folder>."
+    assert A.scrub_paths("(path=/srv/hospital/data/p1/ct.dcm)", hosp) == "(path=ct.dcm)"
+    assert A.scrub_paths("/srv/hospital/database/x.png", hosp) == "/srv/hospital/database/x.png"
+    hub_file = f"{HF_HUB_CACHE}/models--timm--vit/snapshots/0a1b/model.safetensors"
+    assert A.scrub_paths(f"'{hub_file}' is damaged", s) == "'model.safetensors' is damaged"
+    assert A.scrub_paths(f"cache: {HF_HUB_CACHE}", s) == "cache: <hub cache>"
+    assert A.scrub_paths(f"{Path.home()}/models/x.pth: missing", s) == "x.pth: missing"
+
+
+@pytest.mark.parametrize("weights_arg", ["missing.pth", "vit_huge_plus_patch16_dinov3.lvd1689m"])
+def test_a_bad_weights_option_is_a_one_line_error(weights_arg, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # nothing cached
+    r = subprocess.run([sys.executable, str(Path(A.__file__).resolve()), "--weights", weights_arg], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_timm_name_that_is_not_dinov3_says_how_to_load_it(the_app, weights):
+    with pytest.raises(InputError, match="neither a released DINOv3 model name .* nor a file in the allowed folder.*"
+                                         "--weights vit_base_patch16_224"):  # fmt: skip
+        the_app.load_backbone(None, "vit_base_patch16_224")
+    s, text = the_app.load_backbone(None, "other.safetensors", "B")  # a bare name of a file in the allowed folder
+    assert "ViT dim 192" in text and s.sources["B"] == str((weights.parent / "other.safetensors").resolve())
+
+
+def test_cross_image_similarity_has_the_comparison_map_too(the_app, weights, tmp_path):
+    a, _ = two_regions(tmp_path / "a.png")
+    b, _ = two_regions(tmp_path / "b.png", split=40, seed=2)
+    s, _ = the_app.load_backbone(None, str(weights.parent / "other.safetensors"), "B")
+    s, *_ = the_app.explore(s, [str(a), str(b)], resolution=128)
+    s, sim_a, sim_b, _ = the_app.similarity(s, 10, 10, k=3, target=1)
+    assert sim_b is not None and sim_b.shape == sim_a.shape
+
+
+def test_the_api_names_every_parameter(server):
+    api = _client(server).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    names = {ep: [p["parameter_name"] for p in info["parameters"]] for ep, info in api.items()}
+    assert names["/explore"] == ["files", "resolution", "layer", "bands", "window", "slice_index", "foreground"]
+    assert names["/similarity"] == ["x", "y", "k", "target"]
+    assert names["/train_head"] == ["epochs"]
+    assert not [(ep, n) for ep, ns in names.items() for n in ns if n.startswith("param_")], names

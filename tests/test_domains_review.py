@@ -332,7 +332,7 @@ def test_cut_jpeg_header_is_unreadable_not_unsupported(tmp_path):
 
 def test_option_for_another_reader_names_the_groups(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
-    with pytest.raises(OptionError, match=r"it takes no options; pass options meant for other file types as geotiff="):
+    with pytest.raises(OptionError, match=r"its options are: stretch; pass options meant for other file types as geo"):
         domains.load(tmp_path / "a.png", bands=[1])
 
 
