@@ -69,6 +69,20 @@ def make_meta_state_dict(arch: ArchSpec, seed: int = 0, periods_dtype=torch.floa
 TINY = ARCHS["vit_tiny"]
 
 
+@pytest.fixture(scope="module")
+def bb():
+    """A tiny ViT whose features depend on the image (LayerScale 0.5; a random init's tiny gamma would not).
+    Module-scoped; test files with a `bb` of their own use theirs."""
+    import dinoapp
+
+    m = dinoapp.load_backbone("vit_tiny", depth=2, seed=0)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "gamma" in n:
+                p.fill_(0.5)
+    return m
+
+
 @pytest.fixture(scope="session")
 def tiny_sd() -> dict[str, torch.Tensor]:
     return make_meta_state_dict(TINY, seed=1)

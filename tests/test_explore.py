@@ -19,17 +19,6 @@ RED, BLUE = (230, 25, 75), (0, 130, 200)
 
 
 @pytest.fixture(scope="module")
-def bb():
-    """A tiny ViT whose features depend on the image (LayerScale 0.5; a random init's tiny gamma would not)."""
-    m = dinoapp.load_backbone("vit_tiny", depth=2, seed=0)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "gamma" in n:
-                p.fill_(0.5)
-    return m
-
-
-@pytest.fixture(scope="module")
 def astronaut_png(tmp_path_factory) -> Path:
     skdata = pytest.importorskip("skimage.data")
     from PIL import Image

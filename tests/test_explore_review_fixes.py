@@ -17,16 +17,6 @@ from dinoapp.errors import InputError
 from dinoapp.preprocess import preprocess
 
 
-@pytest.fixture(scope="module")
-def bb():
-    m = dinoapp.load_backbone("vit_tiny", depth=2, seed=0)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "gamma" in n:
-                p.fill_(0.5)
-    return m
-
-
 def _geotiff(path, data, **kw):
     from affine import Affine
     from geo_factory import make_geotiff
