@@ -843,9 +843,10 @@ def scrub_paths(msg: str, settings: Settings) -> str:
     def add(path: Any, label: str) -> None:
         if not path:
             return
-        for p in (Path(path).expanduser(), Path(path).expanduser().resolve()):
+        folder = Path(path).expanduser()
+        for p in (folder, folder.resolve()):
             r = str(p).rstrip(os.sep)
-            if r and r != os.sep and len(r) > 1:
+            if len(r) > 1:  # never the root folder itself
                 named[r] = label
 
     with contextlib.suppress(RuntimeError):  # no home folder

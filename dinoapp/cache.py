@@ -104,7 +104,7 @@ class FeatureCache:
 
     def __init__(self, max_bytes: int = 2 * 2**30, disk_dir: str | os.PathLike | None = None) -> None:
         self.max_bytes = int(max_bytes)
-        self.disk_dir = Path(os.fspath(disk_dir)).expanduser() if disk_dir is not None else None
+        self.disk_dir = Path(disk_dir).expanduser() if disk_dir is not None else None
         self._mem: OrderedDict[str, DenseFeatures] = OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()

@@ -138,12 +138,12 @@ def open_image(
     import domains
 
     if isinstance(path, (list, tuple)):
-        files = [Path(os.fspath(p)).expanduser() for p in path]
+        files = [Path(p).expanduser() for p in path]
         if len(files) == 1:
             return open_image(files[0], bands=bands, stretch=stretch, dicom_window=dicom_window,
                               slice_index=slice_index, max_pixels=max_pixels)  # fmt: skip
         return _open_series(files, _dicom_window(dicom_window), slice_index, max_pixels)
-    p = Path(os.fspath(path)).expanduser()
+    p = Path(path).expanduser()
     if p.is_dir():
         return _open_series(p, _dicom_window(dicom_window), slice_index, max_pixels)
     kind, _ = domains.reader_for(p)
@@ -1043,7 +1043,7 @@ def export_png(rgb_or_labels: Any, path: str | os.PathLike) -> Path:
             or (a.dtype == np.uint16 and a.ndim == 3) or a.size == 0:  # fmt: skip
         raise InputError(f"export_png takes uint8 [H, W], [H, W, 3] or [H, W, 4], uint16 [H, W] or bool [H, W]; "
                          f"got {a.dtype} of shape {a.shape} (colour floats with viz.colorize first)")  # fmt: skip
-    p = Path(os.fspath(path)).expanduser()
+    p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(a)).save(p, format="PNG")  # uint16 [H, W] -> 16-bit grey ("I;16")
     return p

@@ -62,7 +62,7 @@ def fetch(source: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[P
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
     repo, filename, tag = resolve(source)
-    cache = str(Path(os.fspath(cache_dir)).expanduser()) if cache_dir is not None else None
+    cache = str(Path(cache_dir).expanduser()) if cache_dir is not None else None
     cached = try_to_load_from_cache(repo, filename, cache_dir=cache)
     if isinstance(cached, str) and Path(cached).is_file():
         return Path(cached), tag

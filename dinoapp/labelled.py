@@ -36,7 +36,7 @@ def read_label_csv(
     A relative ``path`` is joined to ``images_dir`` if given, else to the CSV's folder; an absolute one
     is kept. Labels are strings as written. Files are not opened here.
     """
-    p = Path(os.fspath(path)).expanduser()
+    p = Path(path).expanduser()
     where = f"{flag} {path}" if flag else str(path)
     if not p.is_file():
         raise InputError(f"{where}: no such CSV file")

@@ -71,7 +71,7 @@ def segment_scene(
                         progress=progress)  # fmt: skip
     info, p = sm.meta, sm.scale
     _, H, W = info["shape"]
-    out = Path(os.fspath(out)).expanduser()
+    out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     provenance = {"head_classes": ",".join(head.class_names), "backbone": (head.identity or {}).get("fingerprint"),
                   "windows": sm.windows, **(tags or {})}  # fmt: skip

@@ -65,7 +65,7 @@ def to_tensor(
         t = t.unsqueeze(0)
     elif t.ndim == 3:
         if channels_first is None:
-            channels_first = t.shape[0] <= 16 and t.shape[-1] > 16
+            channels_first = _guess_channels_first(t.shape)
         if not channels_first:
             t = t.permute(2, 0, 1)
     else:
@@ -186,8 +186,14 @@ def _layout(image: Any, channels_first: bool | None) -> str:
     if len(shape) != 3:
         return "last"
     if channels_first is None:
-        channels_first = shape[0] <= 16 and shape[-1] > 16
+        channels_first = _guess_channels_first(shape)
     return "first" if channels_first else "last"
+
+
+def _guess_channels_first(shape) -> bool:
+    """The layout of a 3-D array given without ``channels_first``: CxHxW when the first axis is small (<= 16)
+    and the last is not, HxWxC otherwise."""
+    return shape[0] <= 16 and shape[-1] > 16
 
 
 def _match_channels(x: torch.Tensor, want: int, layout: str = "last") -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DomainError, MissingFileError, NoValidPixelsError, OptionError, OptionValueError, WindowError
+from .sniff import user_path
 
 log = logging.getLogger("domains.datasets")
 
@@ -43,7 +44,7 @@ def find_files(root: str | os.PathLike, *, recursive: bool = True, sniff_unknown
     content is recognised (DICOM files often have no extension). Hidden files and sidecars are skipped."""
     from .sniff import sniff
 
-    base = Path(os.fspath(root)).expanduser()
+    base = user_path(root)
     if not base.exists():
         raise MissingFileError(f"{base}: no such folder")
     if base.is_file():
@@ -99,7 +100,7 @@ class FolderDataset:
         if isinstance(root, str | os.PathLike):
             self.files = find_files(root, recursive=recursive)
         else:
-            self.files = [Path(os.fspath(p)).expanduser() for p in root]
+            self.files = [user_path(p) for p in root]
         if not self.files:
             raise MissingFileError(f"no image, GeoTIFF or DICOM files found under {root}")
         self.window = _window_size(window)

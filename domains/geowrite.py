@@ -19,6 +19,7 @@ import numpy as np
 
 from ._deps import require
 from .errors import GeoreferenceError, OptionValueError
+from .sniff import user_path
 
 KINDS = ("auto", "classes", "probabilities", "rgb", "float")
 
@@ -162,7 +163,7 @@ def write_geotiff(
     if kind == "rgb":
         profile["photometric"] = "RGB"
         profile["interleave"] = "pixel"
-    p = Path(os.fspath(path)).expanduser()
+    p = user_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp")
     try:

@@ -114,7 +114,9 @@ def _from_pil(img, p: Path, fmt: str, n_frames: int, stretch: Any = "dtype") -> 
     arr = arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))  # [C, H, W]
     info = None
     if depth == 16 and stretch != "dtype":  # 16-bit grey: stretched as a uint16 GeoTIFF would be
-        arr, info = _stretch16(raw16.astype(np.uint16, copy=False)[None], valid, stretch, p.name)
+        from .geotiff import stretch_integer
+
+        arr, info = stretch_integer(raw16.astype(np.uint16, copy=False)[None], valid, stretch, name=p.name)
         vr = None if info["method"] in ("none", "reflectance") else (0.0, 1.0)
     if vr is None and not np.isfinite(arr).all():
         bad = ~np.isfinite(arr).all(axis=0)
@@ -135,12 +137,6 @@ def _from_pil(img, p: Path, fmt: str, n_frames: int, stretch: Any = "dtype") -> 
     if valid is not None:
         meta["valid"] = valid
     return arr, meta
-
-
-def _stretch16(raw: np.ndarray, valid, stretch: Any, name: str) -> tuple[np.ndarray, dict]:
-    from .geotiff import stretch_integer
-
-    return stretch_integer(raw, valid, stretch, name=name)
 
 
 def _pil_reads_part(img, p: Path, fmt: str) -> str:
@@ -188,16 +184,13 @@ def _read_tiff_with_rasterio(p: Path, pil_error: Exception,
             f"{p.name}: Pillow cannot decode this TIFF ({pil_error}); install rasterio "
             '(pip install "dinoapp[geo]") to read it through GDAL'
         ) from pil_error
-    from .geotiff import read_geotiff
+    from .geotiff import raster_info, read_geotiff
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        arr, meta = read_geotiff(p, stretch="dtype")  # GDAL failures come back as typed errors
-        if stretch != "dtype" and meta["dtype"] not in ("uint8", "int8") and np.dtype(meta["dtype"]).kind in "ui":
-            raw, _ = read_geotiff(p, stretch="none")  # the stored integers (exact in float32 up to 2^24)
-            arr, meta["stretch"] = _stretch16(raw.astype(meta["dtype"]), meta["valid"], stretch, p.name)
-            if meta["stretch"]["method"] in ("none", "reflectance"):
-                meta["value_range"] = None
+        dt = np.dtype(raster_info(p)["dtype"])  # the header only; 8-bit and float data are never stretched
+        deep = dt.kind in "ui" and dt.itemsize > 1
+        arr, meta = read_geotiff(p, stretch=stretch if deep else "dtype")  # GDAL failures come back typed
     meta["format"] = "tiff"
     if meta["dtype"] in ("uint8", "uint16"):
         meta["bit_depth"] = 8 * np.dtype(meta["dtype"]).itemsize

@@ -37,6 +37,7 @@ from .dicom import (
 )
 from .errors import DomainError, DomainWarning, MissingFileError, SeriesError
 from .phi import quiet_values, safe_meta
+from .sniff import user_path
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -83,14 +84,14 @@ def series_key(uid: str) -> str:
 def _files(folder_or_files: str | os.PathLike | Sequence[str | os.PathLike], recursive: bool) -> tuple[str, list[Path]]:
     """``(display path, files)`` for a folder (all files under it), one file, or a list of files."""
     if isinstance(folder_or_files, (str, os.PathLike)):
-        root = Path(os.fspath(folder_or_files)).expanduser()
+        root = user_path(folder_or_files)
         if root.is_file():
             return os.fspath(root), [root]
         if not root.is_dir():
             raise MissingFileError(f"{root}: no such folder")
         walk = root.rglob("*") if recursive else root.iterdir()
         return os.fspath(root), sorted(p for p in walk if p.is_file())
-    files = [Path(os.fspath(p)).expanduser() for p in folder_or_files]
+    files = [user_path(p) for p in folder_or_files]
     if not files:
         raise SeriesError("an empty list of files was given; pass a folder or DICOM file paths")
     display = os.path.commonpath([os.path.abspath(p) for p in files]) if len(files) > 1 else os.fspath(files[0])

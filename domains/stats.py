@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BandSelectionError, NoValidPixelsError, UnreadableFileError
+from .sniff import user_path
 
 RASTER_EXTENSIONS = (".tif", ".tiff", ".gtiff", ".jp2", ".vrt", ".img")
 
@@ -83,7 +84,7 @@ class BandStats:
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> Path:
-        p = Path(os.fspath(path)).expanduser()
+        p = user_path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(p.suffix + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2))
@@ -92,7 +93,7 @@ class BandStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BandStats:
-        p = Path(os.fspath(path)).expanduser()
+        p = user_path(path)
         try:
             return cls.from_dict(json.loads(p.read_text()))
         except FileNotFoundError as err:
@@ -107,7 +108,7 @@ class BandStats:
 
 def find_rasters(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Raster files (by extension) under ``folder``, sorted; hidden files skipped."""
-    root = Path(os.fspath(folder)).expanduser()
+    root = user_path(folder)
     it = root.rglob("*") if recursive else root.glob("*")
     return sorted(
         p for p in it if p.is_file() and p.suffix.lower() in RASTER_EXTENSIONS and not p.name.startswith(".")

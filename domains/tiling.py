@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GeoreferenceError, NoValidPixelsError, OptionValueError
+from .sniff import user_path
 
 EDGES = ("shift", "pad", "drop")
 BLENDS = ("linear", "cosine", "mean")
@@ -227,8 +228,8 @@ def write_tiles(
         dtype = np.uint8 if top <= 255 else np.uint16
         ignore = 255 if dtype == np.uint8 else 65535
         lab = lab.astype(dtype, copy=False)
-    out = Path(os.fspath(out_dir)).expanduser()
-    ldir = None if labels_dir is None else Path(os.fspath(labels_dir)).expanduser()
+    out = user_path(out_dir)
+    ldir = None if labels_dir is None else user_path(labels_dir)
     out.mkdir(parents=True, exist_ok=True)
     if lab is not None:
         ldir.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ def prepare_demo_data(folder: str | os.PathLike) -> list[str]:
 
     from domains import samples
 
-    folder = Path(os.fspath(folder)).expanduser()
+    folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     names: list[str] = []
     for name in SKIMAGE_IMAGES:
@@ -157,7 +157,7 @@ def data_digest(folder: str | os.PathLike, names: list[str]) -> str:
 
     h = hashlib.sha256()
     for n in sorted(names):
-        p = Path(os.fspath(folder)).expanduser() / n
+        p = Path(folder).expanduser() / n
         h.update(n.encode())
         if p.suffix == ".png":
             with Image.open(p) as im:
@@ -251,7 +251,7 @@ def provenance(path: str | os.PathLike = DEMO_WEIGHTS) -> dict[str, Any]:
     """The provenance record of a demo weights file (read from its metadata, without building the model)."""
     from ..checkpoint import read_checkpoint
 
-    path = Path(os.fspath(path)).expanduser()
+    path = Path(path).expanduser()
     if not path.is_file():
         raise SourceNotFoundError(f"no demo weights at {path}; build them with `python -m dinoapp.demo build`")
     raw = read_checkpoint(path)
